@@ -1,0 +1,29 @@
+# Two commands: `make run` installs and runs the whole service on this host; `make test` runs
+# the test suite. Both need only Python 3.11 (python3.11 -m venv) and, for tests, DCMTK.
+PYTHON ?= python3.11
+VENV ?= .venv
+EXTRAS ?= cpu
+
+.PHONY: run test install lint
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+run: install
+	$(VENV)/bin/pacs-ai run
+
+test:
+	$(MAKE) install EXTRAS=dev,cpu
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+	PACS_AI_DATA_DIR=$${PACS_AI_DATA_DIR:-$$(mktemp -d)} $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

@@ -1,0 +1,1 @@
+"""inference app (see DESIGN.md)."""

@@ -1,0 +1,278 @@
+"""Writes for the studies app: storing what a PACS sends, and deciding when a series is complete.
+
+``instance_store`` is what the DICOM listener calls for every C-STORE; tests call it directly.
+It promises that when it returns, the file is on disk (fsynced, atomically renamed) and its rows
+are committed. When it cannot keep that promise it raises ``StoreRefused`` with the DICOM status
+the peer should get (PS3.4 Annex B), and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from io import BytesIO
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, F, PositiveIntegerField, Value, When
+from django.utils import timezone
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID
+
+from studies import storage
+from studies.models import AssociationLog, Instance, Patient, Series, Study
+from studies.selectors import quiet_seconds
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_DECODE = 0xC210
+STATUS_MISSING_UID = 0xC220
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+class StoreRefused(Exception):
+    """An instance that was not stored, with the status and reason to give the peer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def instance_store(*, data: bytes, calling_ae: str) -> Instance:
+    """Store one DICOM Part 10 file as received and index it; see the module docstring."""
+    if storage.free_disk_bytes() < settings.DICOM_MIN_FREE_DISK_MB * 1024 * 1024:
+        raise StoreRefused(STATUS_OUT_OF_RESOURCES, "free disk space is below the floor")
+    dataset = _decode(data)
+    try:
+        study_uid = storage.sanitise_uid(dataset.get("StudyInstanceUID"))
+        series_uid = storage.sanitise_uid(dataset.get("SeriesInstanceUID"))
+        sop_uid = storage.sanitise_uid(dataset.get("SOPInstanceUID"))
+        sop_class_uid = storage.sanitise_uid(dataset.get("SOPClassUID"))
+    except storage.InvalidUID as exc:
+        raise StoreRefused(STATUS_MISSING_UID, f"required UID missing or invalid: {exc}") from None
+    meta = dataset.file_meta
+    if meta.get("MediaStorageSOPClassUID") not in (None, sop_class_uid):
+        raise StoreRefused(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request")
+    if meta.get("MediaStorageSOPInstanceUID") not in (None, sop_uid):
+        raise StoreRefused(STATUS_MISSING_UID, "SOP Instance UID differs from the request")
+
+    relpath = storage.instance_relpath(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+    tmp = storage.write_temp(relpath=relpath, data=data)
+    try:
+        instance, replaced_path = _index(
+            dataset=dataset,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            sop_class_uid=sop_class_uid,
+            relpath=relpath,
+            tmp=tmp,
+            size=len(data),
+            calling_ae=calling_ae,
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
+    if replaced_path and replaced_path != relpath:
+        # The same SOP Instance arrived under another study or series: its old file is stale.
+        (storage.storage_root() / replaced_path).unlink(missing_ok=True)
+    return instance
+
+
+def _decode(data: bytes) -> Dataset:
+    """Parse the whole dataset (not just the header) so truncated files are caught here."""
+    try:
+        dataset = dcmread(BytesIO(data))
+        for _ in dataset.iterall():  # force every element to be read and converted
+            pass
+        _check_pixel_data(dataset)
+    except StoreRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad input
+        raise StoreRefused(STATUS_CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from None
+    return dataset
+
+
+def _check_pixel_data(dataset: Dataset) -> None:
+    if "PixelData" not in dataset:
+        return
+    syntax = UID(dataset.file_meta.get("TransferSyntaxUID", ""))
+    if syntax.is_encapsulated:
+        return  # fragments were parsed by the read above
+    expected = (
+        int(dataset.Rows)
+        * int(dataset.Columns)
+        * int(dataset.get("SamplesPerPixel", 1))
+        * int(dataset.get("NumberOfFrames", 1) or 1)
+        * int(dataset.BitsAllocated)
+        + 7
+    ) // 8
+    if len(dataset.PixelData) < expected:
+        raise StoreRefused(
+            STATUS_CANNOT_DECODE,
+            f"pixel data is truncated ({len(dataset.PixelData)} of {expected} bytes)",
+        )
+
+
+def _index(
+    *,
+    dataset: Dataset,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    sop_class_uid: str,
+    relpath: str,
+    tmp: Any,
+    size: int,
+    calling_ae: str,
+) -> tuple[Instance, str | None]:
+    now = timezone.now()
+    final = storage.storage_root() / relpath
+    existed = final.exists()
+    try:
+        with transaction.atomic():
+            series = _series_for(
+                dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now
+            )
+            previous = (
+                Instance.objects.filter(sop_instance_uid=sop_uid)
+                .values_list("file_path", flat=True)
+                .first()
+            )
+            instance, _ = Instance.objects.update_or_create(
+                sop_instance_uid=sop_uid,
+                defaults={
+                    "series": series,
+                    "sop_class_uid": sop_class_uid,
+                    "instance_number": _int(dataset.get("InstanceNumber")),
+                    "transfer_syntax_uid": str(dataset.file_meta.TransferSyntaxUID),
+                    "file_path": relpath,
+                    "file_size": size,
+                    "received_at": now,
+                    "calling_ae": calling_ae[:16],
+                },
+            )
+            storage.commit_temp(tmp=tmp, relpath=relpath)
+    except BaseException:
+        if not existed:
+            final.unlink(missing_ok=True)
+        raise
+    logger.info(
+        "stored instance %s in series %s from %s (%d bytes)", instance.pk, series.pk,
+        calling_ae, size,
+    )
+    return instance, previous
+
+
+def _series_for(*, dataset: Dataset, study_uid: str, series_uid: str, now: dt.datetime) -> Series:
+    """The series row for this instance, created (with study and patient) or touched."""
+    series = Series.objects.filter(series_instance_uid=series_uid).first()
+    if series is None:
+        patient, _ = Patient.objects.get_or_create(
+            patient_id=str(dataset.get("PatientID", ""))[:64],
+            issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
+            defaults={
+                "name": str(dataset.get("PatientName", ""))[:324],
+                "birth_date": _date(dataset.get("PatientBirthDate")),
+                "sex": str(dataset.get("PatientSex", ""))[:16],
+            },
+        )
+        study, _ = Study.objects.get_or_create(
+            study_instance_uid=study_uid,
+            defaults={
+                "patient": patient,
+                "study_date": _date(dataset.get("StudyDate")),
+                "accession_number": str(dataset.get("AccessionNumber", ""))[:64],
+                "description": str(dataset.get("StudyDescription", ""))[:128],
+            },
+        )
+        series, created = Series.objects.get_or_create(
+            series_instance_uid=series_uid,
+            defaults={
+                "study": study,
+                "modality": str(dataset.get("Modality", "")).upper()[:16],
+                "body_part_examined": str(dataset.get("BodyPartExamined", ""))[:64],
+                "series_description": str(dataset.get("SeriesDescription", ""))[:64],
+                "series_number": _int(dataset.get("SeriesNumber")),
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        )
+        if created:
+            return series
+    # One UPDATE both touches the series and re-opens it if it was already complete.
+    complete = When(status=Series.Status.COMPLETE, then=F("revision") + 1)
+    Series.objects.filter(pk=series.pk).update(
+        last_received_at=now,
+        status=Series.Status.RECEIVING,
+        revision=Case(complete, default=F("revision"), output_field=PositiveIntegerField()),
+        completed_at=Case(
+            When(status=Series.Status.COMPLETE, then=Value(None)), default=F("completed_at")
+        ),
+    )
+    return series
+
+
+def series_sweep(*, now: dt.datetime | None = None) -> list[int]:
+    """Mark series that have been quiet long enough as complete; return the ids this call claimed.
+
+    Each series is claimed with a conditional UPDATE, so two sweepers running at once never
+    complete the same series twice, and an instance arriving in between keeps it open.
+    """
+    now = now or timezone.now()
+    claimed: list[int] = []
+    receiving = Series.objects.filter(status=Series.Status.RECEIVING)
+    for pk, modality, last in receiving.values_list("pk", "modality", "last_received_at"):
+        cutoff = now - dt.timedelta(seconds=quiet_seconds(modality))
+        if last > cutoff:
+            continue
+        won = Series.objects.filter(
+            pk=pk, status=Series.Status.RECEIVING, last_received_at__lte=cutoff
+        ).update(status=Series.Status.COMPLETE, completed_at=now)
+        if won == 1:
+            claimed.append(pk)
+    if claimed:
+        logger.info("series complete: %s", claimed)
+    return claimed
+
+
+def association_log_record(
+    *,
+    calling_ae: str,
+    called_ae: str,
+    peer_ip: str | None,
+    started_at: dt.datetime,
+    stored: int,
+    failed: int,
+    outcome: str,
+    detail: str = "",
+) -> AssociationLog:
+    return AssociationLog.objects.create(
+        calling_ae=calling_ae[:16],
+        called_ae=called_ae[:16],
+        peer_ip=peer_ip,
+        started_at=started_at,
+        ended_at=timezone.now(),
+        instances_stored=stored,
+        instances_failed=failed,
+        outcome=outcome,
+        detail=detail[:255],
+    )
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _date(value: object) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value or "")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None

@@ -1,0 +1,156 @@
+"""instance_store, called directly as the listener calls it: what is stored, what is refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+from pydicom import dcmread
+
+from studies import services, storage
+from studies.models import Instance, Patient, Series, Study
+from tests.factories import encode, make_dataset
+
+pytestmark = pytest.mark.django_db
+
+
+def stored_file(instance: Instance) -> Path:
+    return storage.storage_root() / instance.file_path
+
+
+def test_it_stores_the_file_as_received_and_indexes_it():
+    ds = make_dataset(AccessionNumber="ACC1", SeriesDescription="AX 1mm")
+    data = encode(ds)
+
+    instance = services.instance_store(data=data, calling_ae="MODALITY")
+
+    assert stored_file(instance).read_bytes() == data
+    assert instance.sop_instance_uid == ds.SOPInstanceUID
+    assert instance.file_size == len(data)
+    assert instance.calling_ae == "MODALITY"
+    assert instance.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+    series = Series.objects.select_related("study__patient").get()
+    assert series.status == Series.Status.RECEIVING
+    assert series.series_description == "AX 1mm"
+    assert series.study.accession_number == "ACC1"
+    assert series.study.patient.patient_id == "TEST-0001"
+    assert series.study.study_date == dt.date(2026, 1, 1)
+
+
+def test_the_path_is_built_from_uids_only():
+    ds = make_dataset(PatientID="../../etc/passwd", PatientName="../x")
+
+    instance = services.instance_store(data=encode(ds), calling_ae="A")
+
+    assert instance.file_path == (
+        f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    )
+
+
+def test_a_duplicate_keeps_one_row_and_replaces_the_file():
+    ds = make_dataset()
+    services.instance_store(data=encode(ds), calling_ae="A")
+    ds.InstanceNumber = 7
+    second = encode(ds)
+
+    instance = services.instance_store(data=second, calling_ae="A")
+
+    assert Instance.objects.count() == 1
+    assert stored_file(instance).read_bytes() == second
+    assert instance.instance_number == 7
+    assert not list(stored_file(instance).parent.glob(".incoming-*"))
+
+
+def test_instances_of_one_series_share_patient_study_and_series():
+    first = make_dataset()
+    second = make_dataset(
+        StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID
+    )
+    services.instance_store(data=encode(first), calling_ae="A")
+    services.instance_store(data=encode(second), calling_ae="A")
+
+    assert (Patient.objects.count(), Study.objects.count(), Series.objects.count()) == (1, 1, 1)
+    assert Instance.objects.count() == 2
+
+
+@pytest.mark.parametrize("cut", [10, 200, 600, -40])
+def test_a_truncated_dataset_is_refused_and_leaves_nothing(cut):
+    data = encode(make_dataset())
+
+    with pytest.raises(services.StoreRefused) as refused:
+        services.instance_store(data=data[:cut], calling_ae="A")
+
+    assert 0xC000 <= refused.value.status <= 0xCFFF
+    assert not Instance.objects.exists()
+    assert not Series.objects.exists()
+    assert not list(storage.storage_root().rglob("*.dcm"))
+
+
+def test_garbage_is_refused_as_undecodable():
+    with pytest.raises(services.StoreRefused) as refused:
+        services.instance_store(data=b"\x00" * 128 + b"DICM" + b"\xff" * 64, calling_ae="A")
+
+    assert 0xC000 <= refused.value.status <= 0xCFFF
+
+
+@pytest.mark.parametrize("uid", ["", "1.2.3.../../x", "1.2.abc", "1." * 40])
+def test_a_missing_or_invalid_uid_is_refused(uid):
+    ds = make_dataset(SeriesInstanceUID=uid)
+
+    with pytest.raises(services.StoreRefused) as refused:
+        services.instance_store(data=encode(ds), calling_ae="A")
+
+    assert refused.value.status == services.STATUS_MISSING_UID
+    assert not Instance.objects.exists()
+
+
+def test_below_the_disk_floor_it_refuses_out_of_resources(settings):
+    settings.DICOM_MIN_FREE_DISK_MB = 1 << 40  # an exabyte: never free
+
+    with pytest.raises(services.StoreRefused) as refused:
+        services.instance_store(data=encode(make_dataset()), calling_ae="A")
+
+    assert refused.value.status == services.STATUS_OUT_OF_RESOURCES
+    assert not Instance.objects.exists()
+
+
+def test_an_instance_after_completion_reopens_the_series_with_a_new_revision():
+    first = make_dataset()
+    services.instance_store(data=encode(first), calling_ae="A")
+    later = timezone.now() + dt.timedelta(hours=1)
+    assert services.series_sweep(now=later) == [Series.objects.get().pk]
+    late = make_dataset(
+        StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID
+    )
+
+    services.instance_store(data=encode(late), calling_ae="A")
+
+    series = Series.objects.get()
+    assert series.status == Series.Status.RECEIVING
+    assert series.revision == 2
+    assert series.completed_at is None
+
+
+def test_the_sweep_waits_for_the_quiet_period_of_each_modality(settings):
+    settings.SERIES_QUIET_SECONDS = {"CR": 5, "CT": 30, "*": 15}
+    ct = services.instance_store(data=encode(make_dataset()), calling_ae="A").series
+    cr = services.instance_store(data=encode(make_dataset(Modality="CR")), calling_ae="A").series
+    start = Series.objects.get(pk=ct.pk).last_received_at
+
+    assert services.series_sweep(now=start + dt.timedelta(seconds=4)) == []
+    assert services.series_sweep(now=start + dt.timedelta(seconds=6)) == [cr.pk]
+    assert services.series_sweep(now=start + dt.timedelta(seconds=29)) == []
+    assert services.series_sweep(now=start + dt.timedelta(seconds=31)) == [ct.pk]
+    assert services.series_sweep(now=start + dt.timedelta(seconds=60)) == []
+
+
+def test_the_stored_file_reads_back_equal():
+    ds = make_dataset()
+    instance = services.instance_store(data=encode(ds), calling_ae="A")
+
+    back = dcmread(stored_file(instance))
+
+    assert back == ds
+    assert back.PixelData == ds.PixelData

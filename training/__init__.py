@@ -1,0 +1,1 @@
+"""training app (see DESIGN.md)."""
