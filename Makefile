@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 EXTRAS ?= cpu
 
-.PHONY: run test install lint
+.PHONY: run test pytest install lint
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ install: $(VENV)/.installed-$(EXTRAS)
 run: install
 	$(VENV)/bin/pacs-ai run
 
-test:
-	$(MAKE) install EXTRAS=dev,cpu
+# Lint, type-check, then the suite on whatever DATABASE_URL / CELERY_BROKER_URL say (embedded
+# SQLite and filesystem queue by default), in a throwaway data directory.
+test: pytest
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy .
+	$(VENV)/bin/mypy
+
+pytest:
+	$(MAKE) install EXTRAS=dev,cpu
 	PACS_AI_DATA_DIR=$${PACS_AI_DATA_DIR:-$$(mktemp -d)} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint:

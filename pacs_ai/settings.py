@@ -146,17 +146,23 @@ CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = (
     {
         "data_folder_in": str(CELERY_QUEUE_DIR),
         "data_folder_out": str(CELERY_QUEUE_DIR),
+        "control_folder": str(CELERY_QUEUE_DIR / "control"),
         "store_processed": False,
         "polling_interval": 0.2,
     }
     if CELERY_BROKER_URL.startswith("filesystem")
     else {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
 )
+if CELERY_BROKER_URL.startswith("filesystem"):
+    CELERY_QUEUE_DIR.mkdir(exist_ok=True)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE_FILENAME = str(PACS_AI_DATA_DIR / "celerybeat-schedule")
 SERIES_SWEEP_INTERVAL = env_float("SERIES_SWEEP_INTERVAL", 2.0)
+
+# --- Web server (gunicorn, started by the `pacs-ai run` launcher) ------------------------------
+WEB_BIND = env_str("WEB_BIND", "0.0.0.0:8000")  # all interfaces: browsers on other hosts use it
 
 # --- DICOM listener --------------------------------------------------------------------------
 DICOM_AE_TITLE = env_str("DICOM_AE_TITLE", "PACS_AI")

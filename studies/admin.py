@@ -82,7 +82,15 @@ class InstanceAdmin(admin.ModelAdmin[Instance]):
 
 @admin.register(DicomNode)
 class DicomNodeAdmin(admin.ModelAdmin[DicomNode]):
-    list_display = ["name", "ae_title", "host", "port", "may_store", "restrict_to_ip", "is_destination"]
+    list_display = [
+        "name",
+        "ae_title",
+        "host",
+        "port",
+        "may_store",
+        "restrict_to_ip",
+        "is_destination",
+    ]
     list_filter = ["may_store", "is_destination"]
     search_fields = ["name", "ae_title", "host"]
 
@@ -106,8 +114,12 @@ class AssociationLogAdmin(admin.ModelAdmin[AssociationLog]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: AssociationLog | None = None) -> bool:
+    def has_change_permission(
+        self, request: HttpRequest, obj: AssociationLog | None = None
+    ) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: AssociationLog | None = None) -> bool:
+    def has_delete_permission(
+        self, request: HttpRequest, obj: AssociationLog | None = None
+    ) -> bool:
         return False

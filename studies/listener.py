@@ -21,38 +21,28 @@ from django.utils import timezone
 from pydicom import Dataset
 from pydicom import uid as uids
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    CTImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    MRImageStorage,
-    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    MultiFrameTrueColorSecondaryCaptureImageStorage,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
+from pynetdicom.events import EventHandlerType
 
 from studies import selectors, services
 from studies.models import AssociationLog
 
+# pynetdicom's sop_class module is dynamic; pydicom's uid module names the storage UIDs, typed.
+VERIFICATION = "1.2.840.10008.1.1"
+
 logger = logging.getLogger(__name__)
 
 STORAGE_SOP_CLASSES = [
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    MRImageStorage,
-    EnhancedMRImageStorage,
-    SecondaryCaptureImageStorage,
-    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    uids.CTImageStorage,
+    uids.EnhancedCTImageStorage,
+    uids.ComputedRadiographyImageStorage,
+    uids.DigitalXRayImageStorageForPresentation,
+    uids.DigitalXRayImageStorageForProcessing,
+    uids.MRImageStorage,
+    uids.EnhancedMRImageStorage,
+    uids.SecondaryCaptureImageStorage,
+    uids.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uids.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uids.MultiFrameTrueColorSecondaryCaptureImageStorage,
 ]
 # Everything a PACS commonly sends. Files are stored exactly as received: never transcoded.
 TRANSFER_SYNTAXES = [
@@ -94,10 +84,10 @@ class Listener:
         self.ae = AE(ae_title=settings.DICOM_AE_TITLE)
         self.ae.maximum_associations = settings.DICOM_MAX_ASSOCIATIONS
         self.ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs
-        self.ae.add_supported_context(Verification)
+        self.ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self.handlers = [
+        self.handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_association_end),
@@ -128,6 +118,7 @@ class Listener:
             self._tally(assoc).detail = "calling AE title not recognised"
             assoc.acse.send_reject(*_REJECT_CALLING_AE)
             assoc.kill()  # waits until the A-ASSOCIATE-RJ is out before the socket closes
+            connection.close()  # no release or abort event follows a rejection
 
     def _on_store(self, event: Any) -> Dataset | int:
         tally = self._tally(event.assoc)

@@ -49,10 +49,11 @@ def storage_dir(settings: Any, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def listener(transactional_db: None) -> Iterator[int]:
-    """A running DICOM listener on 127.0.0.1; yields its port."""
+def listener(transactional_db: None, settings: Any) -> Iterator[int]:
+    """A running DICOM listener on 127.0.0.1 that accepts any caller; yields its port."""
     from studies.listener import Listener
 
+    settings.DICOM_ACCEPT_ALL = True
     port = free_port()
     server = Listener().serve(host="127.0.0.1", port=port, block=False)
     try:
@@ -92,9 +93,22 @@ def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subpro
     log = (tmp_path / "worker.log").open("wb")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "pacs_ai", "worker", "-B",
-            "-Q", "default,inference", "--concurrency", "1", "--loglevel", "INFO",
-            "--schedule", str(tmp_path / "beat-schedule"), "--without-mingle",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "pacs_ai",
+            "worker",
+            "-B",
+            "-Q",
+            "default,inference",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(tmp_path / "beat-schedule"),
+            "--without-mingle",
             "--without-gossip",
         ],
         cwd=ROOT,

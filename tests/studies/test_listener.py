@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
-import pytest
 import trustme
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification
 
+from studies.listener import VERIFICATION as Verification
 from studies.models import AssociationLog, DicomNode, Instance
 from studies.services import STATUS_OUT_OF_RESOURCES
 from tests.conftest import free_port, wait_for
-from tests.factories import CR_JPEG, make_dataset
+from tests.factories import CR_JPEG, CT_SERIES, make_dataset
 
 
 def scu(*contexts: str, ae_title: str = "MODALITY") -> AE:
@@ -70,9 +69,7 @@ def test_an_unknown_calling_ae_is_rejected_at_association(listener, settings):
     assert rejected.is_rejected
     assert accepted.is_established
     accepted.release()
-    log = wait_for(
-        lambda: AssociationLog.objects.filter(outcome="rejected").first(), timeout=10
-    )
+    log = wait_for(lambda: AssociationLog.objects.filter(outcome="rejected").first(), timeout=10)
     assert log.calling_ae == "STRANGER"
     assert log.detail == "calling AE title not recognised"
 
@@ -113,9 +110,24 @@ def test_a_dataset_missing_its_series_uid_gets_a_failure_and_no_row(listener):
     assert not Instance.objects.exists()
 
 
-def test_a_tls_association_stores(transactional_db, tmp_path: Path, storage_dir):
+def test_a_truncated_byte_stream_gets_a_failure_and_leaves_nothing(listener, tmp_path):
+    original = sorted(CT_SERIES.glob("*.dcm"))[0].read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(original[:-10_000])
+    assoc = scu().associate("127.0.0.1", listener)
+
+    status = assoc.send_c_store(truncated)  # a path: pynetdicom sends the bytes undecoded
+    assoc.release()
+
+    assert 0xC000 <= status.Status <= 0xCFFF
+    assert not Instance.objects.exists()
+    assert not [p for p in (tmp_path / "dicom").rglob("*") if p.is_file()]
+
+
+def test_a_tls_association_stores(transactional_db, settings, storage_dir):
     from studies.listener import Listener
 
+    settings.DICOM_ACCEPT_ALL = True
     ca = trustme.CA()
     server_cert = ca.issue_cert("127.0.0.1")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -126,9 +138,7 @@ def test_a_tls_association_stores(transactional_db, tmp_path: Path, storage_dir)
     ca.configure_trust(client_context)
     ca.issue_cert("modality.example").configure_cert(client_context)
     port = free_port()
-    server = Listener().serve(
-        host="127.0.0.1", port=port, block=False, ssl_context=server_context
-    )
+    server = Listener().serve(host="127.0.0.1", port=port, block=False, ssl_context=server_context)
     try:
         plain = scu().associate("127.0.0.1", port)
         assert not plain.is_established
