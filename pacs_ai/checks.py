@@ -10,12 +10,17 @@ from typing import Any
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 
 
 @register()
 def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    if not settings.SECRET_KEY:
+    try:
+        secret_key = settings.SECRET_KEY
+    except ImproperlyConfigured:  # Django refuses an empty key on first use
+        secret_key = ""
+    if not secret_key:
         messages.append(
             Error(
                 "DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) is not set.",

@@ -149,3 +149,25 @@ def test_a_tls_association_stores(transactional_db, settings, storage_dir):
     finally:
         server.shutdown()
     assert Instance.objects.count() == 1
+
+
+def test_with_the_database_unreachable_the_peer_gets_out_of_resources(
+    listener, monkeypatch, storage_dir
+):
+    from django.db import connections
+
+    assoc = scu().associate("127.0.0.1", listener)
+    unreachable = dict(connections.settings["default"])
+    if unreachable["ENGINE"].endswith("sqlite3"):
+        unreachable["NAME"] = str(storage_dir / "no-such-dir" / "db.sqlite3")
+    else:
+        unreachable["PORT"] = "1"
+    # The association's thread opens its own connection, from these settings: it cannot connect.
+    monkeypatch.setitem(connections.settings, "default", unreachable)
+
+    status = assoc.send_c_store(make_dataset())
+    assoc.release()
+
+    assert status.Status == STATUS_OUT_OF_RESOURCES
+    assert status.ErrorComment == "database unavailable"
+    assert not [p for p in storage_dir.rglob("*") if p.is_file()]
