@@ -171,3 +171,22 @@ def test_with_the_database_unreachable_the_peer_gets_out_of_resources(
     assert status.Status == STATUS_OUT_OF_RESOURCES
     assert status.ErrorComment == "database unavailable"
     assert not [p for p in storage_dir.rglob("*") if p.is_file()]
+
+
+def test_patient_identifiers_never_reach_the_logs(listener, caplog, settings):
+    settings.DICOM_ACCEPT_ALL = False  # the rejection is logged too
+    ds = make_dataset(PatientID="PID-SECRET-123", PatientName="Doe^Jane", AccessionNumber="A-777")
+    caplog.set_level("DEBUG")
+
+    stranger = scu(ae_title="STRANGER").associate("127.0.0.1", listener)
+    settings.DICOM_ACCEPT_ALL = True
+    assoc = scu().associate("127.0.0.1", listener)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    del ds.SeriesInstanceUID
+    assert assoc.send_c_store(ds).Status != 0x0000
+    assoc.release()
+
+    assert stranger.is_rejected
+    assert "stored instance" in caplog.text
+    for identifier in ("PID-SECRET-123", "Doe", "Jane", "A-777"):
+        assert identifier not in caplog.text

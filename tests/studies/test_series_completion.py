@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
 from studies.models import Series
 from tests.conftest import wait_for
-from tests.factories import make_dataset
+from tests.factories import CT_SERIES, make_dataset
 
 
 def send(port: int, *datasets) -> None:
@@ -47,3 +51,21 @@ def test_a_quiet_series_is_completed_by_the_worker_and_reopened_by_a_late_instan
     assert status_of(uid) == ("receiving", 2)
     wait_for(lambda: status_of(uid) == ("complete", 2), timeout=60)
     assert Series.objects.get().instances.count() == 3
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed")
+def test_the_real_ct_series_from_storescu_becomes_one_complete_series(listener, celery_worker):
+    files = sorted(str(path) for path in CT_SERIES.glob("*.dcm"))
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    result = subprocess.run(
+        ["storescu", "127.0.0.1", str(listener), *files], env=env, capture_output=True, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    series = wait_for(
+        lambda: Series.objects.filter(status=Series.Status.COMPLETE).first(), timeout=60
+    )
+    assert Series.objects.count() == 1
+    assert series.instances.count() == 30
