@@ -84,6 +84,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "pacs_ai",
     "studies",
+    "inference",
 ]
 
 MIDDLEWARE = [
@@ -205,3 +206,19 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "default", "expires": max(SERIES_SWEEP_INTERVAL * 5, 10)},
     }
 }
+
+# --- Inference ---------------------------------------------------------------------------------
+INFERENCE_MODELS_DIR = PACS_AI_DATA_DIR / "models"
+INFERENCE_OUTPUT_DIR = PACS_AI_DATA_DIR / "outputs"
+INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
+INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 360)
+# A job still queued after this long has probably lost its message; it is sent again.
+INFERENCE_REQUEUE_AFTER = env_int("INFERENCE_REQUEUE_AFTER", 900)
+# 0 lets ONNX Runtime use every core; set it lower when several workers share a host.
+ORT_INTRA_OP_THREADS = env_int("ORT_INTRA_OP_THREADS", 0)
+INFERENCE_RUNNER = env_str("INFERENCE_RUNNER", "onnx")  # or "torch"
+# Grad-CAM: "always", "positives" (default: a CT heatmap costs ~4x its forward pass on CPU) or
+# "on_demand" (only when asked for through the API).
+INFERENCE_GRADCAM = env_str("INFERENCE_GRADCAM", "positives")
+INFERENCE_SALIENT_SLICES = env_int("INFERENCE_SALIENT_SLICES", 8)
+INFERENCE_MAX_ATTEMPTS = env_int("INFERENCE_MAX_ATTEMPTS", 3)

@@ -124,7 +124,12 @@ class Listener:
         tally = self._tally(event.assoc)
         calling_ae = event.assoc.requestor.ae_title.strip()
         try:
-            close_old_connections()
+            # The association's thread keeps its database connection until the association
+            # ends: opening one per instance (and on SQLite checkpointing the WAL each time the
+            # last one closed) cost more than indexing the instance. After a database error,
+            # Django drops the connection if it is broken, and the next query reconnects.
+            if connection.errors_occurred:
+                close_old_connections()
             services.instance_store(data=event.encoded_dataset(), calling_ae=calling_ae)
         except services.StoreRefused as exc:
             tally.failed += 1

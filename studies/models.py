@@ -50,6 +50,7 @@ class Series(models.Model):
     body_part_examined = models.CharField(max_length=64, blank=True)
     series_description = models.CharField(max_length=64, blank=True)
     series_number = models.IntegerField(null=True, blank=True)
+    view_position = models.CharField(max_length=16, blank=True)
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.RECEIVING, db_index=True
     )

@@ -39,7 +39,7 @@ def test_quiet_periods_parse_per_modality(monkeypatch):
     assert env.env_mapping("SERIES_QUIET_SECONDS", "") == {"CR": 5, "CT": 30, "*": 15}
 
 
-def ids(settings) -> set[str]:
+def ids(settings) -> set[str | None]:
     return {message.id for message in check_settings(None)}
 
 

@@ -1,13 +1,65 @@
-"""Celery tasks: thin wrappers that take ids and call services."""
+"""Celery tasks: thin wrappers that take ids and call services.
+
+Queues: "inference" (GPU hosts) for running models, "default" for the sweeper, exports and
+reports. The inference pipeline is imported inside its task, so that importing this module
+(as the web process may) never loads torch.
+"""
 
 from __future__ import annotations
 
-from celery import shared_task
+import logging
 
+from celery import Task, shared_task
+from django.conf import settings
+from django.db import DatabaseError
+
+from inference.models import InferenceJob
+from inference.services import jobs_recover, series_route
 from studies.services import series_sweep
+
+logger = logging.getLogger(__name__)
+
+# Errors worth another try: the database or storage was briefly unavailable, or memory ran out.
+TRANSIENT_ERRORS = (DatabaseError, OSError, MemoryError)
 
 
 @shared_task(soft_time_limit=60, time_limit=90, ignore_result=True)
 def sweep_series() -> list[int]:
-    """Periodic: mark quiet series complete (see ``studies.services.series_sweep``)."""
-    return series_sweep()
+    """Periodic: complete quiet series and route them to inference; re-send lost jobs."""
+    completed = series_sweep(on_complete=lambda series: series_route(series=series))
+    jobs_recover()
+    return completed
+
+
+@shared_task(
+    bind=True,
+    # Acknowledged only when done: the job is idempotent, so a redelivery after a crash is safe.
+    acks_late=True,
+    soft_time_limit=settings.INFERENCE_SOFT_TIME_LIMIT,
+    time_limit=settings.INFERENCE_HARD_TIME_LIMIT,
+    ignore_result=True,
+)
+def run_inference(self: Task[[int], None], job_id: int) -> None:
+    """Run one inference job; retry transient errors with exponential backoff."""
+    from inference.pipeline import JobLost, job_release, job_run
+
+    try:
+        job_run(job_id=job_id)
+    except JobLost:
+        logger.warning(
+            "job %s: taken over by another attempt; this one's results are dropped", job_id
+        )
+    except Exception as exc:
+        attempt = InferenceJob.objects.filter(pk=job_id).values_list("attempts", flat=True).first()
+        if attempt is None:
+            raise
+        transient = isinstance(exc, TRANSIENT_ERRORS)
+        final = not transient or attempt >= settings.INFERENCE_MAX_ATTEMPTS
+        job_release(
+            job_id=job_id, attempt=attempt, error=f"{type(exc).__name__}: {exc}", final=final
+        )
+        logger.exception(
+            "job %s attempt %s failed%s", job_id, attempt, "" if final else "; retrying"
+        )
+        if not final:
+            raise self.retry(exc=exc, countdown=2**attempt) from exc

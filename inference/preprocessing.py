@@ -1,0 +1,554 @@
+"""Pixels to model input, and the quality gate before any model: shared by training and inference.
+
+A model sees in production exactly the pixels it saw in training because both call these
+functions with the :class:`PreprocessSpec` stored (as JSON) with the model version.
+
+- Radiographs (CR/DX DICOM in any transfer syntax pydicom can decode, or JPEG/PNG) become
+  float32 ``[1, H, W]``: modality LUT (rescale), then the VOI (the spec's window, else the
+  file's VOI LUT, else its window, else the image's own range) to [0, 1], MONOCHROME1 inverted,
+  long side resized to the model size with the aspect ratio kept (antialiased), the rest padded
+  with black, then ``(x - mean) / std``.
+- CT series become float32 ``[1, D, H, W]``: slices sorted along the slice normal, HU windowed
+  to [0, 1], area-averaged where the model size is smaller and trilinear where it is larger,
+  flipped to the standard axial orientation, then normalised.
+- :func:`check_radiograph` and :func:`check_ct_series` raise :class:`NotAnalysable` with a
+  reason a radiologist understands when a model should not see the images at all.
+
+Pure functions over pydicom datasets, paths and numpy arrays; torch is imported only inside the
+CT resampling, so importing this module costs numpy, Pillow and pydicom only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import date, datetime
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps
+from pydicom import Dataset, dcmread
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameSingleBitSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+)
+
+Array: TypeAlias = npt.NDArray[np.float32]
+SliceSource: TypeAlias = Dataset | str | os.PathLike[str]
+
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+
+SECONDARY_CAPTURE_CLASSES = frozenset(
+    {
+        SecondaryCaptureImageStorage,
+        MultiFrameSingleBitSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+    }
+)
+
+# Rows must run along the patient's x axis and columns along y within 30 degrees: axial slices,
+# gantry tilt allowed, sagittal/coronal and transposed in-plane layouts refused.
+_AXIAL_MIN_COSINE = math.cos(math.radians(30))
+_ORIENTATION_TOLERANCE = 1e-3
+# Headers are read with large values (pixel data) left on disk until decoded.
+_HEADER_DEFER_SIZE = "64 KB"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model's input is made and which images it accepts; stored with its ModelVersion.
+
+    ``dims`` 2 (radiograph, ``size`` = (H, W)) or 3 (CT, ``size`` = (D, H, W)). ``window`` is
+    (low, high) in modality units: Hounsfield units for CT, where it is required; for DICOM
+    radiographs it replaces the file's own VOI, and it does not apply to JPEG/PNG, whose pixels
+    are already display values. ``modalities`` and ``body_parts`` empty mean any. Ages are in
+    years; an unknown age is accepted.
+    """
+
+    dims: int
+    size: tuple[int, ...]
+    window: tuple[float, float] | None = None
+    mean: float = 0.0
+    std: float = 1.0
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = CHEST_BODY_PARTS
+    min_slices: int = 20
+    spacing_tolerance_mm: float = 0.1
+    min_age_years: float | None = None
+    max_age_years: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3) or len(self.size) != self.dims or min(self.size) < 1:
+            raise ValueError(f"size {self.size} does not fit {self.dims} dimensions")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"window {self.window} is empty")
+        if self.dims == 3 and self.window is None:
+            raise ValueError("a CT spec needs an HU window")
+        if not self.std > 0:
+            raise ValueError("std must be positive")
+        if self.min_slices < 2:
+            raise ValueError("min_slices must be at least 2 to measure the slice spacing")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that :meth:`from_dict` turns back into an equal spec."""
+        return {
+            item.name: list(value) if isinstance(value, tuple) else value
+            for item in fields(self)
+            for value in [getattr(self, item.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
+        """The spec stored by :meth:`to_dict`; absent keys take their defaults.
+
+        An unknown key raises ValueError: a stored spec this code cannot honour must not run
+        silently with part of it ignored.
+        """
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {', '.join(unknown)}")
+        values: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in data.items()
+        }
+        return cls(**values)
+
+
+CHEST_XRAY = PreprocessSpec(dims=2, size=(224, 224), modalities=RADIOGRAPH_MODALITIES)
+CHEST_CT = PreprocessSpec(dims=3, size=(96, 192, 192), window=(-600.0, 1500.0), modalities=("CT",))
+
+
+class NotAnalysable(Exception):
+    """The images must not be given to the model. ``reason`` is written for the radiologist;
+    ``code`` is a short stable identifier for reports and statistics."""
+
+    def __init__(self, reason: str, *, code: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# --- radiographs -------------------------------------------------------------------------------
+
+
+def radiograph_from_dataset(ds: Dataset, spec: PreprocessSpec) -> Array:
+    """The model input ``[1, H, W]`` for a single-frame greyscale DICOM image."""
+    _require_dims(spec, 2)
+    _require_pixels(ds)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise NotAnalysable("Colour image: not a radiograph.", code="colour")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise NotAnalysable("Multi-frame image: not a single radiograph.", code="multi_frame")
+    stored = pixel_array(ds)
+    unit = _display_unit(apply_modality_lut(stored, ds), ds, spec.window)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        # MONOCHROME1 shows its lowest value white; invert after the VOI, as a viewer does.
+        unit = 1.0 - unit
+    return _fit(unit, spec)
+
+
+def radiograph_from_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> Array:
+    """The model input ``[1, H, W]`` for a DICOM file (told by its content) or a Pillow image."""
+    _require_dims(spec, 2)
+    with open(path, "rb") as file:
+        is_dicom = file.read(132)[128:] == b"DICM"
+    if is_dicom:
+        return radiograph_from_dataset(dcmread(path), spec)
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+        if image.mode.startswith("I"):
+            # 16-bit greyscale PNG/TIFF.
+            unit = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        else:
+            unit = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return _fit(unit, spec)
+
+
+def _display_unit(
+    values: npt.NDArray[Any], ds: Dataset, window: tuple[float, float] | None
+) -> Array:
+    """Modality values to display intensities in [0, 1], dark to bright as MONOCHROME2."""
+    if window is not None:
+        return _linear(values, *window)
+    if ds.get("VOILUTSequence"):
+        return _voi_lut_unit(values, ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        centre = float(_first(ds.WindowCenter))
+        width = float(_first(ds.WindowWidth))
+        if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
+            return (1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.float32)
+        return _linear(values, centre - width / 2, centre + width / 2)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.float32)
+    return _linear(values, low, high)
+
+
+def _voi_lut_unit(values: npt.NDArray[Any], ds: Dataset) -> Array:
+    """Apply the first VOI LUT; scale its lowest entry to 0 and its highest to 1.
+
+    Scaling by the LUT's entries rather than its nominal bit depth copes with vendors whose
+    LUTs use 12 of 16 declared bits; it depends on the LUT only, never on the image content.
+    """
+    descriptor = ds.VOILUTSequence[0].LUTDescriptor
+    entries, first = int(descriptor[0]) or 65536, int(descriptor[1])
+    table = apply_voi(np.arange(first, first + entries), ds).astype(np.float64)
+    low, high = float(table.min()), float(table.max())
+    mapped = apply_voi(np.rint(values).astype(np.int64), ds)
+    if high <= low:
+        return np.zeros(values.shape, np.float32)
+    return _linear(mapped, low, high)
+
+
+def _linear(values: npt.NDArray[Any], low: float, high: float) -> Array:
+    scaled = (np.asarray(values, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+def letterbox(shape: tuple[int, int], size: tuple[int, int]) -> tuple[float, int, int]:
+    """Where an image of ``shape`` (rows, columns) lands in a model input of ``size`` (H, W).
+
+    Returns ``(scale, top, left)``: both axes are scaled by ``scale`` (the long side fills the
+    input) and the image is centred with ``top`` rows and ``left`` columns of padding above and
+    to the left. A model-input point ``(x, y)`` is image pixel ``((x - left) / scale,
+    (y - top) / scale)``.
+    """
+    rows, columns = shape
+    height, width = size
+    scale = min(height / rows, width / columns)
+    top = (height - _scaled(rows, scale, height)) // 2
+    left = (width - _scaled(columns, scale, width)) // 2
+    return scale, top, left
+
+
+def _scaled(length: int, scale: float, limit: int) -> int:
+    return min(limit, max(1, round(length * scale)))
+
+
+def _fit(unit: Array, spec: PreprocessSpec) -> Array:
+    """Resize the long side to the model size (antialiased), pad with black, normalise."""
+    height, width = spec.size
+    rows, columns = unit.shape
+    scale, top, left = letterbox((rows, columns), (height, width))
+    new_rows, new_columns = _scaled(rows, scale, height), _scaled(columns, scale, width)
+    # Pillow's bilinear filter widens with the reduction factor, so downsizing averages.
+    resized = Image.fromarray(np.ascontiguousarray(unit, np.float32)).resize(
+        (new_columns, new_rows), Image.Resampling.BILINEAR
+    )
+    out = np.zeros((1, height, width), np.float32)
+    out[0, top : top + new_rows, left : left + new_columns] = np.asarray(resized, np.float32)
+    out -= np.float32(spec.mean)
+    out /= np.float32(spec.std)
+    return out
+
+
+# --- CT volumes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CtVolume:
+    """A CT series as model input.
+
+    ``pixels`` is ``[1, D, H, W]``; depth runs feet to head, rows anterior to posterior, columns
+    patient right to left. ``slice_uids`` are the original slices' SOP Instance UIDs in that
+    same depth order (per-slice results map onto them); ``spacing_mm`` is their spacing.
+    """
+
+    pixels: Array
+    slice_uids: tuple[str, ...]
+    spacing_mm: float
+
+
+class VolumeBuffer:
+    """Scratch memory for decoded slices, reused from one series to the next.
+
+    A 300-slice 512x512 series needs 300 MB of float32; allocating that afresh for every series
+    costs more than decoding it on these hosts, so a worker keeps one buffer per process.
+    """
+
+    def __init__(self) -> None:
+        self._flat: Array = np.empty(0, np.float32)
+
+    def take(self, shape: tuple[int, ...]) -> Array:
+        """An uninitialised float32 array of ``shape``, valid until the next call."""
+        size = math.prod(shape)
+        if self._flat.size < size:
+            self._flat = np.empty(size, np.float32)
+        return self._flat[:size].reshape(shape)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    order: tuple[int, ...]
+    spacing_mm: float
+    flip_rows: bool
+    flip_columns: bool
+
+
+def ct_volume(
+    sources: Sequence[SliceSource], spec: PreprocessSpec, *, buffer: VolumeBuffer | None = None
+) -> CtVolume:
+    """The model input for one CT series given as datasets or file paths, in any order.
+
+    Raises :class:`NotAnalysable` when the slices do not form one regular axial stack. Each
+    slice is decoded straight into ``buffer`` (one float32 volume at source resolution), so
+    peak memory is that volume plus one slice; pass a worker's buffer to reuse it. Paths keep
+    memory lowest: a slice's pixel data is read, decoded and dropped, while datasets keep
+    theirs for as long as the caller holds them.
+    """
+    _require_dims(spec, 3)
+    assert spec.window is not None
+    headers = [_header(source) for source in sources]
+    geometry = _series_geometry(headers, spec)
+    first = headers[0]
+    volume = (buffer or VolumeBuffer()).take((len(headers), int(first.Rows), int(first.Columns)))
+    low, high = spec.window
+    for slot, index in enumerate(geometry.order):
+        header = headers[index]
+        _require_pixels(header)
+        source = sources[index]
+        target = volume[slot]
+        target[...] = pixel_array(source if isinstance(source, Dataset) else os.fspath(source))
+        # CT stores Hounsfield units through rescale slope and intercept, never a LUT.
+        target *= np.float32(header.get("RescaleSlope", 1) or 1)
+        target += np.float32(header.get("RescaleIntercept", 0) or 0)
+        np.clip(target, low, high, out=target)
+        target -= np.float32(low)
+        target /= np.float32(high - low)
+    resampled = _resample(volume, (spec.size[0], spec.size[1], spec.size[2]))
+    if geometry.flip_rows:
+        resampled = resampled[:, ::-1, :]
+    if geometry.flip_columns:
+        resampled = resampled[:, :, ::-1]
+    pixels = np.empty((1, *spec.size), np.float32)
+    np.subtract(resampled, np.float32(spec.mean), out=pixels[0])
+    pixels /= np.float32(spec.std)
+    uids = tuple(str(headers[index].get("SOPInstanceUID", "")) for index in geometry.order)
+    return CtVolume(pixels=pixels, slice_uids=uids, spacing_mm=geometry.spacing_mm)
+
+
+def _resample(volume: Array, size: tuple[int, int, int]) -> Array:
+    """Area-average the axes that shrink (antialiasing), then trilinear on those that grow."""
+    import torch
+
+    tensor = torch.from_numpy(volume)[None, None]
+    reduced = tuple(min(have, want) for have, want in zip(volume.shape, size, strict=True))
+    with torch.no_grad():
+        if reduced != volume.shape:
+            tensor = torch.nn.functional.adaptive_avg_pool3d(tensor, reduced)
+        if reduced != size:
+            tensor = torch.nn.functional.interpolate(
+                tensor, size=size, mode="trilinear", align_corners=False
+            )
+    return tensor[0, 0].numpy()
+
+
+def _header(source: SliceSource) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    return dcmread(source, defer_size=_HEADER_DEFER_SIZE)
+
+
+def _series_geometry(headers: Sequence[Dataset], spec: PreprocessSpec) -> _Geometry:
+    """Sort by position along the slice normal and check the stack is regular and axial."""
+    _require_slice_count(len(headers), spec)
+    try:
+        orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except (AttributeError, ValueError, TypeError) as error:
+        raise NotAnalysable(
+            "Slice position or orientation is missing: the slices cannot be stacked.",
+            code="geometry",
+        ) from error
+    if orientations.shape[1] != 6 or positions.shape[1] != 3:
+        raise NotAnalysable("Slice position or orientation is malformed.", code="geometry")
+    if np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+        raise NotAnalysable(
+            "The slices have different orientations: the series mixes planes.",
+            code="orientation",
+        )
+    row, column = orientations[0, :3], orientations[0, 3:]
+    if abs(row[0]) < _AXIAL_MIN_COSINE or abs(column[1]) < _AXIAL_MIN_COSINE:
+        raise NotAnalysable(
+            "Not an axial series (sagittal, coronal or oblique reformat).", code="not_axial"
+        )
+    matrices = {
+        (int(h.Rows), int(h.Columns), tuple(float(v) for v in h.get("PixelSpacing", []) or []))
+        for h in headers
+    }
+    if len(matrices) != 1:
+        raise NotAnalysable(
+            "The slices differ in matrix size or pixel spacing: the series mixes reconstructions.",
+            code="geometry",
+        )
+    along_normal = positions @ np.cross(row, column)
+    order = np.argsort(along_normal, kind="stable")
+    gaps = np.diff(along_normal[order])
+    spacing = float(np.median(gaps))
+    if gaps.min() < spec.spacing_tolerance_mm:
+        raise NotAnalysable(
+            "Two or more slices share a position: the series mixes acquisitions or phases.",
+            code="spacing",
+        )
+    if np.abs(gaps - spacing).max() > spec.spacing_tolerance_mm:
+        raise NotAnalysable(
+            f"Slice spacing is not uniform ({gaps.min():.2f} to {gaps.max():.2f} mm): "
+            "slices are missing or the series mixes reconstructions.",
+            code="spacing",
+        )
+    return _Geometry(
+        order=tuple(int(i) for i in order),
+        spacing_mm=spacing,
+        flip_rows=bool(column[1] < 0),
+        flip_columns=bool(row[0] < 0),
+    )
+
+
+# --- quality gate ------------------------------------------------------------------------------
+
+
+def check_radiograph(ds: Dataset, spec: PreprocessSpec) -> None:
+    """Raise :class:`NotAnalysable` unless ``ds`` is an image this radiograph model may read."""
+    _require_dims(spec, 2)
+    _check_instance(ds, spec)
+    if str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING":
+        raise NotAnalysable(
+            "Raw detector image (For Processing); the processed image For Presentation is needed.",
+            code="for_processing",
+        )
+
+
+def check_ct_series(sources: Sequence[SliceSource], spec: PreprocessSpec) -> None:
+    """Raise :class:`NotAnalysable` unless the series is one this CT model may read.
+
+    Reads headers only (paths are read without their pixel data).
+    """
+    _require_dims(spec, 3)
+    headers = [_header(source) for source in sources]
+    # Before the per-image checks: a scout or a short series is the common, plainer reason.
+    _require_slice_count(len(headers), spec)
+    for header in headers:
+        _check_instance(header, spec)
+    _series_geometry(headers, spec)
+
+
+def _check_instance(ds: Dataset, spec: PreprocessSpec) -> None:
+    """The checks every image of a study passes, whatever the model's dimensions.
+
+    Secondary Capture: archives and anonymisers often wrap real radiographs as SC (the SIIM
+    chest CR is one), keeping the acquisition's Modality. An SC object is accepted only with
+    Modality CR or DX and an Image Type, when present, that is neither DERIVED nor SECONDARY;
+    any other SC (screenshots, scanned documents, a CT page) is refused.
+    """
+    _require_pixels(ds)
+    modality = str(ds.get("Modality", "")).upper()
+    if spec.modalities and modality not in spec.modalities:
+        raise NotAnalysable(
+            f"Modality {modality or 'unknown'}; this model reads {'/'.join(spec.modalities)}.",
+            code="modality",
+        )
+    image_type = [str(value).upper() for value in _values(ds.get("ImageType"))]
+    if "DERIVED" in image_type or "SECONDARY" in image_type:
+        shown = "\\".join(image_type)
+        raise NotAnalysable(
+            f"Derived or secondary image (Image Type {shown}): reformats, "
+            "projections and processed copies are not analysed.",
+            code="derived",
+        )
+    if ds.get("SOPClassUID") in SECONDARY_CAPTURE_CLASSES and modality not in RADIOGRAPH_MODALITIES:
+        raise NotAnalysable(
+            "Secondary capture (screenshot or scanned document), not an original acquisition.",
+            code="secondary_capture",
+        )
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if spec.body_parts and body_part and not any(part in body_part for part in spec.body_parts):
+        raise NotAnalysable(
+            f"Body part examined is {body_part}; this model reads {'/'.join(spec.body_parts)}.",
+            code="body_part",
+        )
+    age = patient_age_years(ds)
+    too_young = spec.min_age_years is not None and age is not None and age < spec.min_age_years
+    too_old = spec.max_age_years is not None and age is not None and age > spec.max_age_years
+    if too_young or too_old:
+        raise NotAnalysable(
+            f"Patient age {age:.0f} years is outside the population this model was validated "
+            f"on ({_age_range(spec)}).",
+            code="population",
+        )
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """Age at the study from Patient's Age, else from birth date and study date; None if unknown.
+
+    A Patient's Age without a unit (``"62"``, seen in anonymised public data) is read as years.
+    """
+    text = str(ds.get("PatientAge", "") or "").strip().upper()
+    match = re.fullmatch(r"(\d{1,3})([DWMY]?)", text)
+    if match:
+        per_year = {"D": 365.25, "W": 365.25 / 7, "M": 12.0, "Y": 1.0, "": 1.0}
+        return int(match[1]) / per_year[match[2]]
+    birth = _date(ds.get("PatientBirthDate"))
+    keywords = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+    taken = next((d for d in (_date(ds.get(k)) for k in keywords) if d is not None), None)
+    if birth is None or taken is None or taken < birth:
+        return None
+    return (taken - birth).days / 365.25
+
+
+def _age_range(spec: PreprocessSpec) -> str:
+    if spec.min_age_years is not None and spec.max_age_years is not None:
+        return f"{spec.min_age_years:g} to {spec.max_age_years:g} years"
+    if spec.min_age_years is not None:
+        return f"{spec.min_age_years:g} years and over"
+    return f"up to {spec.max_age_years:g} years"
+
+
+def _date(value: Any) -> date | None:
+    try:
+        return datetime.strptime(str(value or ""), "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def _require_slice_count(count: int, spec: PreprocessSpec) -> None:
+    if count < spec.min_slices:
+        raise NotAnalysable(
+            f"Only {count} slices; at least {spec.min_slices} are needed for a CT volume.",
+            code="too_few_slices",
+        )
+
+
+def _require_pixels(ds: Dataset) -> None:
+    if "PixelData" not in ds:
+        raise NotAnalysable("The image has no pixel data.", code="no_pixels")
+
+
+def _require_dims(spec: PreprocessSpec, dims: int) -> None:
+    if spec.dims != dims:
+        raise ValueError(f"this function needs a {dims}D spec, got a {spec.dims}D one")
+
+
+def _values(value: Any) -> list[Any]:
+    """A multi-valued DICOM attribute as a list (pydicom gives a bare value when VM is 1)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes | int | float):
+        return [value]
+    return list(value)
+
+
+def _first(value: Any) -> Any:
+    values = _values(value)
+    return values[0]

@@ -1,0 +1,277 @@
+"""Preprocessing on real files: the same pixels whatever the encoding, slice order or layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from inference.preprocessing import (
+    CHEST_CT,
+    CHEST_XRAY,
+    PreprocessSpec,
+    VolumeBuffer,
+    ct_volume,
+    letterbox,
+    radiograph_from_dataset,
+    radiograph_from_file,
+)
+from tests.conftest import ROOT
+from tests.factories import CR_JPEG, CT_SERIES, DATA, make_dataset
+
+CT_FILES = sorted(CT_SERIES.glob("*.dcm"))
+KERMANY = sorted((DATA / "cxr" / "kermany-val-fullres").glob("*/*.jpeg"))
+SMALL_CT = dataclasses.replace(CHEST_CT, size=(16, 64, 64))
+LOSSLESS = [RLELossless, JPEG2000Lossless, JPEGLSLossless]
+
+
+def read_series() -> list[Dataset]:
+    return [dcmread(path) for path in CT_FILES]
+
+
+def decoded_cr() -> Dataset:
+    ds = dcmread(CR_JPEG)
+    ds.decompress()
+    return ds
+
+
+def lossless(syntax: UID) -> UID:
+    encoder = get_encoder(syntax)
+    if not encoder.is_available:
+        pytest.skip(f"no {syntax.name} encoder: {', '.join(encoder.missing_dependencies)}")
+    return syntax
+
+
+def test_spec_survives_a_json_round_trip() -> None:
+    spec = dataclasses.replace(CHEST_CT, mean=0.2, std=0.3, min_age_years=18, max_age_years=90)
+
+    stored = json.loads(json.dumps(spec.to_dict()))
+
+    assert PreprocessSpec.from_dict(stored) == spec
+    assert PreprocessSpec.from_dict({"dims": 2, "size": [224, 224]}) == PreprocessSpec(
+        dims=2, size=(224, 224)
+    )
+
+
+def test_a_stored_spec_with_an_unknown_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="clahe"):
+        PreprocessSpec.from_dict({**CHEST_XRAY.to_dict(), "clahe": True})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"dims": 2, "size": (224, 224, 3)}, {"dims": 3, "size": (8, 8, 8)}, {"std": 0.0}],
+)
+def test_an_inconsistent_spec_is_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        PreprocessSpec(**{"dims": 2, "size": (224, 224), **fields})  # type: ignore[arg-type]
+
+
+def test_the_cr_radiograph_becomes_a_unit_range_image_then_is_normalised() -> None:
+    plain = radiograph_from_file(CR_JPEG, CHEST_XRAY)
+    normalised = radiograph_from_file(CR_JPEG, dataclasses.replace(CHEST_XRAY, mean=0.5, std=0.25))
+
+    assert plain.shape == (1, 224, 224)
+    assert plain.dtype == np.float32
+    assert 0 <= plain.min() < 0.1 < 0.9 < plain.max() <= 1
+    np.testing.assert_allclose(normalised, (plain - 0.5) / 0.25, atol=1e-5)
+
+
+def test_monochrome1_is_inverted_into_the_same_image() -> None:
+    plain = radiograph_from_dataset(dcmread(CR_JPEG), CHEST_XRAY)
+    ds = decoded_cr()
+    ds.PixelData = (255 - ds.pixel_array).astype(np.uint8).tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+
+    np.testing.assert_allclose(radiograph_from_dataset(ds, CHEST_XRAY), plain, atol=1e-5)
+
+
+def test_a_voi_lut_in_the_file_is_applied() -> None:
+    plain = radiograph_from_dataset(dcmread(CR_JPEG), CHEST_XRAY)
+    ds = decoded_cr()
+    inverting = Dataset()
+    inverting.LUTDescriptor = [256, 0, 8]
+    inverting.LUTData = list(range(255, -1, -1))
+    ds.VOILUTSequence = Sequence([inverting])
+
+    np.testing.assert_allclose(radiograph_from_dataset(ds, CHEST_XRAY), 1 - plain, atol=1e-5)
+
+
+def test_the_window_in_the_file_and_the_same_window_in_the_spec_agree() -> None:
+    ds = dcmread(CR_JPEG)
+    ds.WindowCenter, ds.WindowWidth = 100, 120
+    from_file = radiograph_from_dataset(ds, CHEST_XRAY)
+    del ds.WindowCenter, ds.WindowWidth
+    from_spec = radiograph_from_dataset(ds, dataclasses.replace(CHEST_XRAY, window=(40, 160)))
+
+    np.testing.assert_allclose(from_file, from_spec, atol=1e-5)
+    assert not np.allclose(from_file, radiograph_from_dataset(ds, CHEST_XRAY), atol=0.05)
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda uid: uid.name)
+def test_a_losslessly_recompressed_radiograph_gives_the_same_image(syntax: UID) -> None:
+    plain = radiograph_from_dataset(dcmread(CR_JPEG), CHEST_XRAY)
+    ds = decoded_cr()
+    ds.compress(lossless(syntax))
+
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(radiograph_from_dataset(ds, CHEST_XRAY), plain)
+
+
+def test_every_kermany_jpeg_keeps_its_aspect_ratio_padded_with_black() -> None:
+    for path in KERMANY:
+        with Image.open(path) as image:
+            width, height = image.size
+        tensor = radiograph_from_file(path, CHEST_XRAY)
+        content = np.flatnonzero(tensor[0].any(axis=1))
+        scale, top, left = letterbox((height, width), (224, 224))
+
+        assert tensor.shape == (1, 224, 224), path.name
+        # Landscape: full width, height scaled alike, centred between black bands.
+        assert content.size == pytest.approx(224 * height / width, abs=2), path.name
+        assert abs(content[0] - (223 - content[-1])) <= 1, path.name
+        # letterbox() says where the image went, to map heatmap boxes back onto it.
+        assert scale == pytest.approx(224 / width), path.name
+        assert (top, left) == (content[0], 0), path.name
+
+
+def test_png_8_and_16_bit_give_the_same_image_as_the_jpeg(tmp_path: Path) -> None:
+    jpeg = KERMANY[0]
+    with Image.open(jpeg) as image:
+        pixels = np.asarray(image.convert("L"))
+    Image.fromarray(pixels).save(tmp_path / "8.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    expected = radiograph_from_file(jpeg, CHEST_XRAY)
+
+    np.testing.assert_allclose(radiograph_from_file(tmp_path / "8.png", CHEST_XRAY), expected)
+    np.testing.assert_allclose(
+        radiograph_from_file(tmp_path / "16.png", CHEST_XRAY), expected, atol=1e-6
+    )
+
+
+def test_the_real_ct_series_becomes_the_default_volume_ordered_feet_to_head() -> None:
+    volume = ct_volume(CT_FILES, CHEST_CT)
+    heights = {
+        ds.SOPInstanceUID: float(ds.ImagePositionPatient[2])
+        for ds in (dcmread(path, stop_before_pixels=True) for path in CT_FILES)
+    }
+
+    assert volume.pixels.shape == (1, 96, 192, 192)
+    assert volume.pixels.dtype == np.float32
+    assert volume.pixels.min() >= 0
+    assert volume.pixels.max() <= 1
+    assert volume.spacing_mm == pytest.approx(8.0)
+    assert list(volume.slice_uids) == sorted(heights, key=heights.__getitem__)
+
+
+def test_shuffled_slices_with_scrambled_instance_numbers_give_the_same_volume() -> None:
+    plain = ct_volume(CT_FILES, SMALL_CT)
+    series = read_series()
+    random.Random(7).shuffle(series)
+    for number, ds in enumerate(reversed(series), start=1):
+        ds.InstanceNumber = number
+
+    shuffled = ct_volume(series, SMALL_CT)
+
+    np.testing.assert_array_equal(shuffled.pixels, plain.pixels)
+    assert shuffled.slice_uids == plain.slice_uids
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda uid: uid.name)
+def test_losslessly_compressed_slices_give_the_same_volume(syntax: UID) -> None:
+    plain = ct_volume(CT_FILES, SMALL_CT)
+    series = read_series()
+    for ds in series:
+        ds.compress(lossless(syntax))
+
+    np.testing.assert_array_equal(ct_volume(series, SMALL_CT).pixels, plain.pixels)
+
+
+def test_a_prone_series_is_flipped_to_the_standard_axial_view() -> None:
+    plain = ct_volume(CT_FILES, SMALL_CT)
+    series = read_series()
+    for ds in series:
+        # Rows and columns reversed; the first pixel is now the old last one.
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, ::-1]).tobytes()
+        step = [float(v) for v in ds.PixelSpacing]
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x + (ds.Columns - 1) * step[1], y + (ds.Rows - 1) * step[0], z]
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+
+    np.testing.assert_allclose(ct_volume(series, SMALL_CT).pixels, plain.pixels, atol=1e-6)
+
+
+def test_hounsfield_units_are_windowed_to_the_unit_range() -> None:
+    spec = dataclasses.replace(CHEST_CT, size=(20, 4, 4))
+    stored = np.array([[0, 424, 1474, 2524]] * 4, dtype=np.uint16)  # -1024, -600, 450, 1500 HU
+    series = [
+        make_dataset(
+            rows=4,
+            columns=4,
+            PixelData=stored.tobytes(),
+            ImagePositionPatient=[0, 0, 2.5 * index],
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            PixelSpacing=[1, 1],
+        )
+        for index in range(20)
+    ]
+
+    pixels = ct_volume(series, spec).pixels
+
+    np.testing.assert_allclose(pixels[0, :, 0], [[0.0, 0.0, 0.5, 1.0]] * 20, atol=1e-6)
+
+
+def test_a_reused_buffer_gives_the_same_volume_and_never_aliases_a_result() -> None:
+    buffer = VolumeBuffer()
+    full = ct_volume(CT_FILES, SMALL_CT, buffer=buffer)
+    kept = full.pixels.copy()
+
+    part = ct_volume(CT_FILES[:25], SMALL_CT, buffer=buffer)
+    again = ct_volume(CT_FILES, SMALL_CT, buffer=buffer)
+
+    np.testing.assert_array_equal(full.pixels, kept)
+    np.testing.assert_array_equal(again.pixels, kept)
+    assert not np.array_equal(part.pixels, kept)
+
+
+def test_a_300_slice_512_series_stays_well_under_2_gb(tmp_path: Path) -> None:
+    script = f"""
+from pathlib import Path
+from pydicom import dcmread
+from inference.preprocessing import CHEST_CT, ct_volume
+paths = []
+for block in range(10):
+    for path in sorted(Path({str(CT_SERIES)!r}).glob("*.dcm")):
+        ds = dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z - 240 * block]
+        paths.append(Path({str(tmp_path)!r}) / f"{{len(paths)}}.dcm")
+        ds.save_as(paths[-1])
+volume = ct_volume(paths, CHEST_CT)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) through exec.
+peak_kib = next(
+    int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")
+)
+print(len(volume.slice_uids), peak_kib // 1024)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    slices, peak_mib = (int(word) for word in done.stdout.split())
+
+    assert slices == 300
+    # About 600 MiB today: torch, the 300 MiB float32 volume and one slice. Stacking the slices
+    # or converting through float64 would pass 1 GiB.
+    assert peak_mib < 1024
