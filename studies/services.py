@@ -12,11 +12,10 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from io import BytesIO
-from typing import Any
+from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Case, F, PositiveIntegerField, Value, When
+from django.db import connection, transaction
 from django.utils import timezone
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
@@ -65,7 +64,7 @@ def instance_store(*, data: bytes, calling_ae: str) -> Instance:
     relpath = storage.instance_relpath(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
     tmp = storage.write_temp(relpath=relpath, data=data)
     try:
-        instance, replaced_path = _index(
+        return _index(
             dataset=dataset,
             study_uid=study_uid,
             series_uid=series_uid,
@@ -78,18 +77,16 @@ def instance_store(*, data: bytes, calling_ae: str) -> Instance:
         )
     finally:
         tmp.unlink(missing_ok=True)
-    if replaced_path and replaced_path != relpath:
-        # The same SOP Instance arrived under another study or series: its old file is stale.
-        (storage.storage_root() / replaced_path).unlink(missing_ok=True)
-    return instance
 
 
 def _decode(data: bytes) -> Dataset:
-    """Parse the whole dataset (not just the header) so truncated files are caught here."""
+    """Parse the whole dataset (not just the header) so truncated files are caught here.
+
+    Element values stay as read (undecoded) until used: the file is stored as received, so
+    only the elements we index need to make sense.
+    """
     try:
         dataset = dcmread(BytesIO(data))
-        for _ in dataset.iterall():  # force every element to be read and converted
-            pass
         _check_pixel_data(dataset)
     except StoreRefused:
         raise
@@ -127,35 +124,34 @@ def _index(
     sop_uid: str,
     sop_class_uid: str,
     relpath: str,
-    tmp: Any,
+    tmp: Path,
     size: int,
     calling_ae: str,
-) -> tuple[Instance, str | None]:
+) -> Instance:
     now = timezone.now()
     final = storage.storage_root() / relpath
     existed = final.exists()
+    instance = Instance(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class_uid,
+        instance_number=_int(dataset.get("InstanceNumber")),
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        file_path=relpath,
+        file_size=size,
+        received_at=now,
+        calling_ae=calling_ae[:16],
+    )
     try:
         with transaction.atomic():
-            series = _series_for(
+            instance.series_id = _series_for(
                 dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now
             )
-            previous = (
-                Instance.objects.filter(sop_instance_uid=sop_uid)
-                .values_list("file_path", flat=True)
-                .first()
-            )
-            instance, _ = Instance.objects.update_or_create(
-                sop_instance_uid=sop_uid,
-                defaults={
-                    "series": series,
-                    "sop_class_uid": sop_class_uid,
-                    "instance_number": _int(dataset.get("InstanceNumber")),
-                    "transfer_syntax_uid": str(dataset.file_meta.TransferSyntaxUID),
-                    "file_path": relpath,
-                    "file_size": size,
-                    "received_at": now,
-                    "calling_ae": calling_ae[:16],
-                },
+            # One statement for new and repeated instances alike (INSERT … ON CONFLICT).
+            Instance.objects.bulk_create(
+                [instance],
+                update_conflicts=True,
+                unique_fields=["sop_instance_uid"],
+                update_fields=_INSTANCE_UPDATE_FIELDS,
             )
             storage.commit_temp(tmp=tmp, relpath=relpath)
     except BaseException:
@@ -163,69 +159,76 @@ def _index(
             final.unlink(missing_ok=True)
         raise
     logger.info(
-        "stored instance %s in series %s from %s (%d bytes)",
-        instance.pk,
-        series.pk,
-        calling_ae,
-        size,
+        "stored an instance in series %s from %s (%d bytes)", instance.series_id, calling_ae, size
     )
-    return instance, previous
+    return instance
 
 
-def _series_for(*, dataset: Dataset, study_uid: str, series_uid: str, now: dt.datetime) -> Series:
-    """The series row for this instance, created (with study and patient) or touched."""
-    series = Series.objects.filter(series_instance_uid=series_uid).first()
-    if series is None:
-        patient, _ = Patient.objects.get_or_create(
-            patient_id=str(dataset.get("PatientID", ""))[:64],
-            issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
-            defaults={
-                "name": str(dataset.get("PatientName", ""))[:324],
-                "birth_date": _date(dataset.get("PatientBirthDate")),
-                "sex": str(dataset.get("PatientSex", ""))[:16],
-            },
-        )
-        study, _ = Study.objects.get_or_create(
-            study_instance_uid=study_uid,
-            defaults={
-                "patient": patient,
-                "study_date": _date(dataset.get("StudyDate")),
-                "accession_number": str(dataset.get("AccessionNumber", ""))[:64],
-                "description": str(dataset.get("StudyDescription", ""))[:128],
-            },
-        )
-        series, created = Series.objects.get_or_create(
-            series_instance_uid=series_uid,
-            defaults={
-                "study": study,
-                "modality": str(dataset.get("Modality", "")).upper()[:16],
-                "body_part_examined": str(dataset.get("BodyPartExamined", ""))[:64],
-                "series_description": str(dataset.get("SeriesDescription", ""))[:64],
-                "series_number": _int(dataset.get("SeriesNumber")),
-                "view_position": str(dataset.get("ViewPosition", ""))[:16],
-                "first_received_at": now,
-                "last_received_at": now,
-            },
-        )
-        if created:
-            return series
-    # Nearly every instance arrives while its series is receiving: a plain UPDATE touches it
-    # (the CASE below costs three times as much to build). Otherwise one UPDATE both touches
-    # the series and re-opens it if it was already complete.
-    if Series.objects.filter(pk=series.pk, status=Series.Status.RECEIVING).update(
-        last_received_at=now
-    ):
-        return series
-    complete = When(status=Series.Status.COMPLETE, then=F("revision") + 1)
-    Series.objects.filter(pk=series.pk).update(
-        last_received_at=now,
-        status=Series.Status.RECEIVING,
-        revision=Case(complete, default=F("revision"), output_field=PositiveIntegerField()),
-        completed_at=Case(
-            When(status=Series.Status.COMPLETE, then=Value(None)), default=F("completed_at")
-        ),
+_INSTANCE_UPDATE_FIELDS = [
+    "series",
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax_uid",
+    "file_path",
+    "file_size",
+    "received_at",
+    "calling_ae",
+]
+# Touch the series and, if it was already complete, re-open it with a new revision: one
+# statement per instance on the hot path, which the ORM cannot express (UPDATE … RETURNING).
+_TOUCH_SERIES = """
+    UPDATE studies_series SET
+        revision = CASE WHEN status = %s THEN revision + 1 ELSE revision END,
+        completed_at = CASE WHEN status = %s THEN NULL ELSE completed_at END,
+        status = %s,
+        last_received_at = %s
+    WHERE series_instance_uid = %s
+    RETURNING id
+"""
+
+
+def _series_for(*, dataset: Dataset, study_uid: str, series_uid: str, now: dt.datetime) -> int:
+    """The id of the series row for this instance, created (with study and patient) or touched."""
+    complete, receiving = Series.Status.COMPLETE, Series.Status.RECEIVING
+    with connection.cursor() as cursor:
+        cursor.execute(_TOUCH_SERIES, [complete, complete, receiving, now, series_uid])
+        row = cursor.fetchone()
+    if row is not None:
+        return int(row[0])
+    patient, _ = Patient.objects.get_or_create(
+        patient_id=str(dataset.get("PatientID", ""))[:64],
+        issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
+        defaults={
+            "name": str(dataset.get("PatientName", ""))[:324],
+            "birth_date": _date(dataset.get("PatientBirthDate")),
+            "sex": str(dataset.get("PatientSex", ""))[:16],
+        },
     )
-    return series
+    study, _ = Study.objects.get_or_create(
+        study_instance_uid=study_uid,
+        defaults={
+            "patient": patient,
+            "study_date": _date(dataset.get("StudyDate")),
+            "accession_number": str(dataset.get("AccessionNumber", ""))[:64],
+            "description": str(dataset.get("StudyDescription", ""))[:128],
+        },
+    )
+    series, created = Series.objects.get_or_create(
+        series_instance_uid=series_uid,
+        defaults={
+            "study": study,
+            "modality": str(dataset.get("Modality", "")).upper()[:16],
+            "body_part_examined": str(dataset.get("BodyPartExamined", ""))[:64],
+            "series_description": str(dataset.get("SeriesDescription", ""))[:64],
+            "series_number": _int(dataset.get("SeriesNumber")),
+            "view_position": str(dataset.get("ViewPosition", ""))[:16],
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+    )
+    if not created:  # another association created it a moment ago
+        return _series_for(dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now)
+    return series.pk
 
 
 def series_sweep(

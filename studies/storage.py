@@ -44,19 +44,26 @@ def free_disk_bytes() -> int:
 
 def write_temp(*, relpath: str, data: bytes | memoryview) -> Path:
     """Write ``data`` to a temporary file beside its final place and flush it to disk."""
-    final = storage_root() / relpath
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-", suffix=".part")
+    folder = (storage_root() / relpath).parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
+    except FileNotFoundError:  # the series' first instance: make its folder once
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             if settings.DICOM_FSYNC:
-                os.fsync(handle.fileno())
+                _fdatasync(handle.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+# Flushes the data and the size, not the access times: all a reader needs after a crash.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 def commit_temp(*, tmp: Path, relpath: str) -> None:

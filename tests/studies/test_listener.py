@@ -187,6 +187,6 @@ def test_patient_identifiers_never_reach_the_logs(listener, caplog, settings):
     assoc.release()
 
     assert stranger.is_rejected
-    assert "stored instance" in caplog.text
+    assert "stored an instance" in caplog.text
     for identifier in ("PID-SECRET-123", "Doe", "Jane", "A-777"):
         assert identifier not in caplog.text
