@@ -158,6 +158,8 @@ if CELERY_BROKER_URL.startswith("filesystem"):
     CELERY_QUEUE_DIR.mkdir(exist_ok=True)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# Models run only on hosts that consume "inference" (GPU hosts in a multi-host deployment).
+CELERY_TASK_ROUTES = {"worker.tasks.run_inference": {"queue": "inference"}}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE_FILENAME = str(PACS_AI_DATA_DIR / "celerybeat-schedule")
 SERIES_SWEEP_INTERVAL = env_float("SERIES_SWEEP_INTERVAL", 2.0)
@@ -194,7 +196,7 @@ LOGGING = {
     "loggers": {
         # pynetdicom logs every PDU and, at DEBUG, dataset contents: patient data stays out.
         "pynetdicom": {"level": "WARNING"},
-        "pydicom": {"level": "WARNING"},
+        "pydicom": {"level": "ERROR"},
     },
 }
 
@@ -214,6 +216,8 @@ INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
 INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 360)
 # A job still queued after this long has probably lost its message; it is sent again.
 INFERENCE_REQUEUE_AFTER = env_int("INFERENCE_REQUEUE_AFTER", 900)
+# A job still running this many seconds past the hard time limit lost its worker; it is sent again.
+INFERENCE_RECOVER_GRACE = env_int("INFERENCE_RECOVER_GRACE", 30)
 # 0 lets ONNX Runtime use every core; set it lower when several workers share a host.
 ORT_INTRA_OP_THREADS = env_int("ORT_INTRA_OP_THREADS", 0)
 INFERENCE_RUNNER = env_str("INFERENCE_RUNNER", "onnx")  # or "torch"

@@ -133,7 +133,8 @@ class Listener:
             services.instance_store(data=event.encoded_dataset(), calling_ae=calling_ae)
         except services.StoreRefused as exc:
             tally.failed += 1
-            logger.warning("refused an instance from %s: %s", calling_ae, exc.reason)
+            # The reason goes to the peer only: decoder messages can quote element values.
+            logger.warning("refused an instance from %s: status 0x%04X", calling_ae, exc.status)
             return _status(exc.status, exc.reason)
         except DatabaseError as exc:
             tally.failed += 1
