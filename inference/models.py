@@ -54,13 +54,16 @@ class ModelVersion(models.Model):
         max_length=16, choices=Status.choices, default=Status.CANDIDATE, db_index=True
     )
     # Used only when several versions of one task are active at once (an ensemble).
-    ensemble_weight = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
+    ensemble_weight = models.FloatField(default=1.0, validators=[MinValueValidator(0.001)])
     created_at = models.DateTimeField(auto_now_add=True)
     activated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["name", "version"], name="unique_model_version")
+            models.UniqueConstraint(fields=["name", "version"], name="unique_model_version"),
+            models.CheckConstraint(
+                condition=models.Q(ensemble_weight__gt=0), name="ensemble_weight_positive"
+            ),
         ]
 
     def __str__(self) -> str:

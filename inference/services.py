@@ -52,36 +52,41 @@ def model_version_register(
     metrics: dict[str, Any] | None = None,
     model_card: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Copy a model's files into the registry and record it as a candidate."""
+    """Record a model as a candidate and copy its files into the registry.
+
+    The row comes first, in the same transaction as the copy: a duplicate name and version is
+    refused before any file is touched, and each version gets a folder of its own (its id).
+    """
     if positive_label not in class_labels:
         raise ValueError(f"positive label {positive_label!r} is not one of {class_labels}")
-    folder = Path(_safe_name(name)) / _safe_name(version)
-    (models_root() / folder).mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for key, source in (("onnx", onnx_file), ("weights", weights_file)):
-        relative = folder / f"model{source.suffix or '.bin'}"
-        shutil.copyfile(source, models_root() / relative)
-        paths[key] = relative
     card = {
         "intended_use": "Research and evaluation. Not for diagnostic use.",
         **(model_card or {}),
     }
-    return ModelVersion.objects.create(
-        name=name,
-        version=version,
-        task=task,
-        architecture=architecture,
-        class_labels=class_labels,
-        positive_label=positive_label,
-        threshold=threshold,
-        preprocessing=preprocessing,
-        onnx_path=str(paths["onnx"]),
-        onnx_sha256=sha256_of(models_root() / paths["onnx"]),
-        weights_path=str(paths["weights"]),
-        weights_sha256=sha256_of(models_root() / paths["weights"]),
-        metrics=metrics or {},
-        model_card=card,
-    )
+    with transaction.atomic():
+        model = ModelVersion.objects.create(
+            name=name,
+            version=version,
+            task=task,
+            architecture=architecture,
+            class_labels=class_labels,
+            positive_label=positive_label,
+            threshold=threshold,
+            preprocessing=preprocessing,
+            onnx_sha256=sha256_of(onnx_file),
+            weights_sha256=sha256_of(weights_file),
+            metrics=metrics or {},
+            model_card=card,
+        )
+        folder = Path(f"{model.pk:05d}-{_safe_name(name)}-{_safe_name(version)}")
+        # A folder left by a registration that rolled back may hold this id: it is ours.
+        (models_root() / folder).mkdir(parents=True, exist_ok=True)
+        model.onnx_path = str(folder / "model.onnx")
+        model.weights_path = str(folder / "model.pt")
+        shutil.copyfile(onnx_file, models_root() / model.onnx_path)
+        shutil.copyfile(weights_file, models_root() / model.weights_path)
+        model.save(update_fields=["onnx_path", "weights_path"])
+    return model
 
 
 def model_version_activate(*, model_version: ModelVersion, ensemble: bool = False) -> ModelVersion:
@@ -143,12 +148,15 @@ def job_requeue(*, job: InferenceJob) -> bool:
 def jobs_recover(*, now: dt.datetime | None = None) -> list[int]:
     """Re-send jobs whose queue message was lost: queued too long, or running on a dead worker.
 
-    A job counts as running on a dead worker once it has run longer than the hard time limit.
+    A job counts as running on a dead worker once it has run longer than the hard time limit
+    plus INFERENCE_RECOVER_GRACE seconds.
     Each job is taken with a conditional UPDATE, so two sweepers never both re-send it.
     """
     now = now or timezone.now()
     stale_queue = now - dt.timedelta(seconds=settings.INFERENCE_REQUEUE_AFTER)
-    stale_run = now - dt.timedelta(seconds=settings.INFERENCE_HARD_TIME_LIMIT + 30)
+    stale_run = now - dt.timedelta(
+        seconds=settings.INFERENCE_HARD_TIME_LIMIT + settings.INFERENCE_RECOVER_GRACE
+    )
     stuck = Q(status=InferenceJob.Status.QUEUED, queued_at__lt=stale_queue) | Q(
         status=InferenceJob.Status.RUNNING, started_at__lt=stale_run
     )
