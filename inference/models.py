@@ -6,10 +6,11 @@ that it stays true after the registry changes.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-from studies.models import Instance, Series
+from studies.models import DicomNode, Instance, Patient, Series
 
 NOT_FOR_DIAGNOSTIC_USE = "AI result, not for diagnostic use"
 
@@ -164,3 +165,81 @@ class Prediction(models.Model):
 
     def __str__(self) -> str:
         return f"Prediction #{self.pk} {self.label or self.status}"
+
+
+class Review(models.Model):
+    """A radiologist's verdict on a prediction; reviewed results become training labels."""
+
+    class Verdict(models.TextChoices):
+        AGREE = "agree", "agree"
+        DISAGREE = "disagree", "disagree"
+        CORRECTED = "corrected", "corrected label"
+
+    prediction = models.ForeignKey(Prediction, on_delete=models.CASCADE, related_name="reviews")
+    reviewer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="reviews"
+    )
+    verdict = models.CharField(max_length=16, choices=Verdict.choices)
+    corrected_label = models.CharField(max_length=64, blank=True)
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"Review #{self.pk} {self.verdict}"
+
+
+class AuditEvent(models.Model):
+    """Who looked at or exported which patient's AI results, and when."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    action = models.CharField(max_length=32, db_index=True)
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    patient = models.ForeignKey(
+        Patient, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    path = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type} #{self.object_id}"
+
+
+class OutboxItem(models.Model):
+    """One DICOM result object to send to one destination; sent exactly once."""
+
+    class Kind(models.TextChoices):
+        STRUCTURED_REPORT = "sr", "structured report"
+        SECONDARY_CAPTURE = "sc", "secondary capture"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "queued"
+        SENT = "sent", "sent"
+        FAILED = "failed", "failed"
+
+    job = models.ForeignKey(InferenceJob, on_delete=models.CASCADE, related_name="outbox")
+    destination = models.ForeignKey(DicomNode, on_delete=models.PROTECT, related_name="outbox")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    # Fixed when the object is made, so a retry re-sends the same instance, never a copy.
+    sop_instance_uid = models.CharField(max_length=64)
+    file_path = models.CharField(max_length=255, help_text="Relative to INFERENCE_OUTPUT_DIR.")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["destination", "sop_instance_uid"], name="unique_outbox_per_destination"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} → {self.destination} ({self.status})"

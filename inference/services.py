@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from inference.models import InferenceJob, ModelVersion, RoutingRule
+from inference.models import AuditEvent, InferenceJob, ModelVersion, RoutingRule
 from inference.selectors import routing_rule_for_series
 from studies.models import Series
 
@@ -192,3 +192,23 @@ def _safe_name(value: str) -> str:
     if not cleaned:
         raise ValueError(f"{value!r} cannot name a folder")
     return cleaned
+
+
+def audit_record(
+    *,
+    user: Any,
+    action: str,
+    object_type: str,
+    object_id: object,
+    patient_id: int | None,
+    path: str = "",
+) -> AuditEvent:
+    """Record that ``user`` did ``action`` (e.g. "view", "export") on a patient's AI results."""
+    return AuditEvent.objects.create(
+        user=user if getattr(user, "is_authenticated", False) else None,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id)[:64],
+        patient_id=patient_id,
+        path=path[:255],
+    )
