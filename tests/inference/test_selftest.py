@@ -1,0 +1,47 @@
+"""manage.py selftest against a running listener and a real worker process."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from inference.models import RoutingRule
+from studies.models import Series, Study
+
+DEFAULT_RULES = import_module("inference.migrations.0002_default_routing_rules").DEFAULTS
+
+
+@pytest.fixture
+def routing(transactional_db):
+    for fields in DEFAULT_RULES:  # a transactional test's flush drops migration data
+        RoutingRule.objects.get_or_create(name=fields["name"], defaults=fields)
+
+
+@pytest.mark.timeout(240)
+def test_every_stage_passes_on_a_running_system(listener, celery_worker, routing, register_model):
+    register_model("cxr2d")
+    out = StringIO()
+
+    call_command("selftest", port=listener, timeout=90, stdout=out)
+
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["PASS", "echo"], ["PASS", "store"], ["PASS", "complete"], ["PASS", "inferred"],
+        ["PASS", "exported"],
+    ]  # fmt: skip
+    assert "tiny-cxr2d" in out.getvalue()
+    assert not Study.objects.exists()  # the synthetic study is removed afterwards
+
+
+def test_without_a_worker_the_stage_that_stalls_is_named(listener):
+    out = StringIO()
+
+    with pytest.raises(CommandError):
+        call_command("selftest", port=listener, timeout=2, stdout=out)
+
+    assert "PASS  store" in out.getvalue()
+    assert "FAIL  complete" in out.getvalue()
+    assert not Series.objects.exists()
