@@ -26,7 +26,8 @@ test: pytest
 
 pytest:
 	$(MAKE) install EXTRAS=dev,cpu
-	PACS_AI_DATA_DIR=$${PACS_AI_DATA_DIR:-$$(mktemp -d)} $(VENV)/bin/pytest $(PYTEST_ARGS)
+	data=$$(mktemp -d) && PACS_AI_DATA_DIR=$$data $(VENV)/bin/pytest $(PYTEST_ARGS); \
+	status=$$?; rm -rf "$$data"; exit $$status
 
 lint:
 	$(VENV)/bin/ruff check --fix .

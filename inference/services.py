@@ -3,22 +3,37 @@ keeping jobs moving (a lost queue message is re-created from the rows)."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import logging
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import current_app
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from inference.models import AuditEvent, InferenceJob, ModelVersion, RoutingRule
+from inference.models import (
+    AuditEvent,
+    InferenceJob,
+    ModelVersion,
+    Prediction,
+    Review,
+    RoutingRule,
+)
 from inference.selectors import routing_rule_for_series
 from studies.models import Series
+from studies.storage import sanitise_uid, storage_root
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +164,9 @@ def jobs_recover(*, now: dt.datetime | None = None) -> list[int]:
     """Re-send jobs whose queue message was lost: queued too long, or running on a dead worker.
 
     A job counts as running on a dead worker once it has run longer than the hard time limit
-    plus INFERENCE_RECOVER_GRACE seconds.
-    Each job is taken with a conditional UPDATE, so two sweepers never both re-send it.
+    plus INFERENCE_RECOVER_GRACE seconds; after INFERENCE_MAX_ATTEMPTS such losses it is failed
+    rather than sent again, so a job that kills its worker (out of memory, say) cannot do so
+    forever. Each job is taken with a conditional UPDATE, so two sweepers never both act on it.
     """
     now = now or timezone.now()
     stale_queue = now - dt.timedelta(seconds=settings.INFERENCE_REQUEUE_AFTER)
@@ -161,13 +177,21 @@ def jobs_recover(*, now: dt.datetime | None = None) -> list[int]:
         status=InferenceJob.Status.RUNNING, started_at__lt=stale_run
     )
     recovered = []
-    for pk, status, queued_at, started_at in InferenceJob.objects.filter(stuck).values_list(
-        "pk", "status", "queued_at", "started_at"
-    ):
-        won = InferenceJob.objects.filter(
+    for pk, status, queued_at, started_at, attempts in InferenceJob.objects.filter(
+        stuck
+    ).values_list("pk", "status", "queued_at", "started_at", "attempts"):
+        same = InferenceJob.objects.filter(
             pk=pk, status=status, queued_at=queued_at, started_at=started_at
-        ).update(status=InferenceJob.Status.QUEUED, queued_at=now)
-        if won:
+        )
+        if status == InferenceJob.Status.RUNNING and attempts >= settings.INFERENCE_MAX_ATTEMPTS:
+            same.update(
+                status=InferenceJob.Status.FAILED,
+                finished_at=now,
+                error=f"The worker was lost {attempts} times running this job (killed, out of "
+                "memory, or past the hard time limit).",
+            )
+            continue
+        if same.update(status=InferenceJob.Status.QUEUED, queued_at=now):
             recovered.append(pk)
             transaction.on_commit(lambda pk=pk: _enqueue(pk))  # type: ignore[misc]
     if recovered:
@@ -212,3 +236,252 @@ def audit_record(
         patient_id=patient_id,
         path=path[:255],
     )
+
+
+def audit_record_many(
+    *,
+    user: Any,
+    action: str,
+    object_type: str,
+    objects: Iterable[tuple[object, int | None]],
+    path: str = "",
+) -> list[AuditEvent]:
+    """Record, in one insert, that ``user`` did ``action`` on each ``(object_id, patient_id)``.
+
+    What a list page shows is recorded row by row, as :func:`audit_record` records one.
+    """
+    actor = user if getattr(user, "is_authenticated", False) else None
+    return AuditEvent.objects.bulk_create(
+        AuditEvent(
+            user=actor,
+            action=action,
+            object_type=object_type,
+            object_id=str(object_id)[:64],
+            patient_id=patient_id,
+            path=path[:255],
+        )
+        for object_id, patient_id in objects
+    )
+
+
+def prediction_class_labels(*, prediction: Prediction) -> list[str]:
+    """The class labels of the model (or ensemble) that made ``prediction``, as it recorded them."""
+    return list(prediction.probabilities)
+
+
+def review_create(
+    *,
+    prediction: Prediction,
+    reviewer: User,
+    verdict: str,
+    corrected_label: str = "",
+    comment: str = "",
+) -> Review:
+    """Record a radiologist's verdict on an analysed prediction; the newest review counts.
+
+    Raises ValidationError, writing nothing, when the prediction was not analysed, the verdict
+    is unknown, a corrected label is missing, is not one of the model's class labels or is the
+    AI's own label (that is "agree"), a label is given with agree/disagree, or "disagree" is
+    given on a model with more than two classes (where the right class must be named).
+    """
+    if prediction.status != Prediction.Status.ANALYSED:
+        raise ValidationError("Only analysed results can be reviewed.", code="not_analysed")
+    if verdict not in Review.Verdict.values:
+        raise ValidationError(f"Unknown verdict {verdict!r}.", code="verdict")
+    labels = prediction_class_labels(prediction=prediction)
+    if verdict == Review.Verdict.CORRECTED:
+        if corrected_label not in labels:
+            raise ValidationError(
+                f"The corrected label must be one of the model's labels: {', '.join(labels)}.",
+                code="corrected_label",
+            )
+        if corrected_label == prediction.label:
+            raise ValidationError(
+                f"{corrected_label} is the AI's label: choose agree.", code="corrected_label"
+            )
+    elif corrected_label:
+        raise ValidationError(
+            "A corrected label goes with the verdict 'corrected label' only.",
+            code="corrected_label",
+        )
+    if verdict == Review.Verdict.DISAGREE and len(labels) != 2:
+        raise ValidationError(
+            "This model has more than two classes: give the corrected label.", code="disagree"
+        )
+    return Review.objects.create(
+        prediction=prediction,
+        reviewer=reviewer,
+        verdict=verdict,
+        corrected_label=corrected_label,
+        comment=comment,
+    )
+
+
+def review_final_label(*, review: Review) -> str:
+    """The label a review settles on: the AI's label if agreed, the other class of a binary
+    model if disagreed, else the corrected label."""
+    prediction = review.prediction
+    if review.verdict == Review.Verdict.AGREE:
+        return prediction.label
+    if review.verdict == Review.Verdict.CORRECTED:
+        return review.corrected_label
+    others = [
+        label
+        for label in prediction_class_labels(prediction=prediction)
+        if label != prediction.label
+    ]
+    if len(others) != 1:
+        raise ValueError(
+            f"review {review.pk}: 'disagree' names no label on {len(others) + 1} classes"
+        )
+    return others[0]
+
+
+TRAINING_SET_COLUMNS = [
+    "path",
+    "label",
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "reviewer",
+    "reviewed_at",
+]
+
+
+@dataclass(frozen=True)
+class TrainingSetExport:
+    """Where an export went and what it holds: sample count per final label."""
+
+    folder: Path
+    task: str
+    counts: dict[str, int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
+def reviewed_training_set_export(
+    *,
+    predictions: QuerySet[Prediction],
+    exported_by: Any,
+    destination: Path | None = None,
+) -> TrainingSetExport:
+    """Write the reviewed ones among ``predictions`` as a labelled training set of one task.
+
+    Layout of ``destination`` (default ``$PACS_AI_DATA_DIR/training-sets/reviewed-<UTC time>``),
+    a folder per class, as in the folder-per-class image sets that ``training`` reads::
+
+        labels.csv
+        <LABEL>/<SOPInstanceUID>.dcm                   an image-level result (radiograph, CT slice)
+        <LABEL>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm  a series-level result (a CT volume)
+
+    ``labels.csv`` (UTF-8, header row, comma-separated) has one row per sample with the columns
+    ``path`` (relative to the CSV's folder, "/"-separated: the file, or the series folder for a
+    series-level result, whose ``sop_instance_uid`` is then empty), ``label`` (the final label),
+    ``study_uid``, ``series_uid``, ``sop_instance_uid``, ``reviewer`` (user name) and
+    ``reviewed_at`` (ISO 8601, UTC). ``<LABEL>`` is the label with characters other than
+    letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``.
+
+    The final label is the newest review's (see :func:`review_final_label`); where several
+    reviewed predictions cover the same image or series, the newest review among them decides.
+    DICOM files are copied as stored. The folder appears complete or not at all (it is written
+    under a ``.part`` name and renamed); it must not exist yet. Each exported prediction gets an
+    "export" audit event. Raises ValueError, writing nothing, when no prediction is reviewed or
+    the reviewed ones come from more than one task.
+    """
+    latest: dict[tuple[str, int], Review] = {}
+    for review in (
+        Review.objects.filter(
+            prediction__in=predictions, prediction__status=Prediction.Status.ANALYSED
+        )
+        .select_related("prediction__job", "prediction__series__study", "prediction__instance")
+        .select_related("reviewer")
+        .order_by("created_at", "pk")
+    ):
+        prediction = review.prediction
+        sample = (
+            ("instance", prediction.instance_id)
+            if prediction.instance_id is not None
+            else ("series", prediction.series_id)
+        )
+        latest[sample] = review
+    if not latest:
+        raise ValueError("None of the selected results has been reviewed.")
+    tasks = sorted({review.prediction.job.task for review in latest.values()})
+    if len(tasks) > 1:
+        raise ValueError(f"Export one task at a time: the reviewed results are {', '.join(tasks)}.")
+
+    folder = destination or Path(settings.PACS_AI_DATA_DIR) / "training-sets" / (
+        timezone.now().strftime("reviewed-%Y%m%dT%H%M%S%fZ")
+    )
+    if folder.exists():
+        raise ValueError(f"{folder} exists already.")
+    part = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)  # left by an export that died half-way
+    part.mkdir(parents=True)
+    try:
+        counts = _training_set_write(part, sorted(latest.values(), key=lambda r: r.prediction_id))
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    part.rename(folder)
+    audit_record_many(
+        user=exported_by,
+        action="export",
+        object_type="prediction",
+        objects=(
+            (review.prediction_id, review.prediction.series.study.patient_id)
+            for review in latest.values()
+        ),
+        path=str(folder)[-255:],
+    )
+    logger.info("exported %d reviewed results to %s", sum(counts.values()), folder)
+    return TrainingSetExport(folder=folder, task=tasks[0], counts=counts)
+
+
+def _training_set_write(folder: Path, reviews: list[Review]) -> dict[str, int]:
+    """Write ``labels.csv`` and each review's sample into ``folder``; the count per label."""
+    counts: dict[str, int] = {}
+    with (folder / "labels.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TRAINING_SET_COLUMNS)
+        writer.writeheader()
+        for review in reviews:
+            label = review_final_label(review=review)
+            writer.writerow(
+                {
+                    **_training_sample_write(review.prediction, folder / _safe_name(label), folder),
+                    "label": label,
+                    "reviewer": review.reviewer.get_username(),
+                    "reviewed_at": review.created_at.astimezone(dt.UTC).isoformat(),
+                }
+            )
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _training_sample_write(
+    prediction: Prediction, class_folder: Path, root: Path
+) -> dict[str, str]:
+    """Copy one sample's DICOM file(s) into ``class_folder``; its CSV columns but the label."""
+    series = prediction.series
+    study_uid = sanitise_uid(series.study.study_instance_uid)
+    series_uid = sanitise_uid(series.series_instance_uid)
+    if prediction.instance is not None:
+        sop_uid = sanitise_uid(prediction.instance.sop_instance_uid)
+        target = class_folder / f"{sop_uid}.dcm"
+        class_folder.mkdir(exist_ok=True)
+        shutil.copyfile(storage_root() / prediction.instance.file_path, target)
+    else:
+        sop_uid = ""
+        target = class_folder / series_uid
+        target.mkdir(parents=True)
+        for instance in series.instances.order_by("pk"):
+            name = f"{sanitise_uid(instance.sop_instance_uid)}.dcm"
+            shutil.copyfile(storage_root() / instance.file_path, target / name)
+    return {
+        "path": target.relative_to(root).as_posix(),
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "sop_instance_uid": sop_uid,
+    }

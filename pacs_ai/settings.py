@@ -213,6 +213,8 @@ LOGGING = {
         # pynetdicom logs every PDU and, at DEBUG, dataset contents: patient data stays out.
         "pynetdicom": {"level": "WARNING"},
         "pydicom": {"level": "ERROR"},
+        # highdicom logs source SOP Instance UIDs at INFO.
+        "highdicom": {"level": "WARNING"},
     },
 }
 
@@ -226,7 +228,7 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- Inference ---------------------------------------------------------------------------------
-INFERENCE_MODELS_DIR = PACS_AI_DATA_DIR / "models"
+INFERENCE_MODELS_DIR = Path(env_str("INFERENCE_MODELS_DIR") or PACS_AI_DATA_DIR / "models")
 INFERENCE_OUTPUT_DIR = PACS_AI_DATA_DIR / "outputs"
 INFERENCE_SOFT_TIME_LIMIT = env_int("INFERENCE_SOFT_TIME_LIMIT", 300)
 INFERENCE_HARD_TIME_LIMIT = env_int("INFERENCE_HARD_TIME_LIMIT", 360)
@@ -242,3 +244,41 @@ INFERENCE_RUNNER = env_str("INFERENCE_RUNNER", "onnx")  # or "torch"
 INFERENCE_GRADCAM = env_str("INFERENCE_GRADCAM", "positives")
 INFERENCE_SALIENT_SLICES = env_int("INFERENCE_SALIENT_SLICES", 8)
 INFERENCE_MAX_ATTEMPTS = env_int("INFERENCE_MAX_ATTEMPTS", 3)
+
+# --- Results out: DICOM SR and Secondary Capture C-STOREd to each destination DicomNode ----------
+EXPORT_MAX_ATTEMPTS = env_int("EXPORT_MAX_ATTEMPTS", 8)
+# The wait before attempt n+1 is EXPORT_RETRY_BASE * 2**(n-1) seconds, at most EXPORT_RETRY_MAX.
+EXPORT_RETRY_BASE = env_float("EXPORT_RETRY_BASE", 30.0)
+EXPORT_RETRY_MAX = env_float("EXPORT_RETRY_MAX", 3600.0)
+# How often due outbox items are retried (a beat entry).
+EXPORT_RETRY_INTERVAL = env_float("EXPORT_RETRY_INTERVAL", 30.0)
+# Connect, association and DIMSE timeouts towards a destination, in seconds.
+EXPORT_NETWORK_TIMEOUT = env_float("EXPORT_NETWORK_TIMEOUT", 30.0)
+# Soft time limit of an export task; a claimed item is retried only after it (and a margin).
+EXPORT_TIME_LIMIT = env_int("EXPORT_TIME_LIMIT", 300)
+# A succeeded job with no outbox this long after it finished lost its export task: it is made
+# again, for jobs that finished in the last EXPORT_RECOVER_WINDOW seconds.
+EXPORT_RECOVER_AFTER = env_int("EXPORT_RECOVER_AFTER", 120)
+EXPORT_RECOVER_WINDOW = env_int("EXPORT_RECOVER_WINDOW", 3 * 3600)
+CELERY_BEAT_SCHEDULE["outbox-retry"] = {
+    "task": "worker.tasks.retry_outbox",
+    "schedule": EXPORT_RETRY_INTERVAL,
+    "options": {"queue": "default", "expires": max(EXPORT_RETRY_INTERVAL * 2, 10)},
+}
+
+# --- Health and metrics ------------------------------------------------------------------------
+# /api/health/ waits at most this long for the broker, then for workers to answer a ping.
+HEALTH_BROKER_TIMEOUT = env_float("HEALTH_BROKER_TIMEOUT", 2.0)
+HEALTH_WORKER_PING_TIMEOUT = env_float("HEALTH_WORKER_PING_TIMEOUT", 1.0)
+# Empty: /metrics is open (scrape from a trusted network only). Set: Prometheus must send it
+# as a bearer token.
+METRICS_TOKEN = env_secret("METRICS_TOKEN")
+# Names of the API schema's "status" enums, which several models share a field name for.
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] = {
+    "SeriesStatusEnum": "studies.models.Series.Status",
+    "JobStatusEnum": "inference.models.InferenceJob.Status",
+    "PredictionStatusEnum": "inference.models.Prediction.Status",
+    "ModelVersionStatusEnum": "inference.models.ModelVersion.Status",
+    "HealthStatusEnum": "pacs_ai.health.HEALTH_STATUSES",
+    "ReadyStatusEnum": "pacs_ai.health.READY_STATUSES",
+}

@@ -7,6 +7,7 @@ database (SQLite) and the embedded queue never touch a real installation.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,10 +43,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def storage_dir(settings: Any, tmp_path: Path) -> Path:
-    """Each test stores DICOM files in a folder of its own."""
+def storage_dir(settings: Any, tmp_path: Path) -> Iterator[Path]:
+    """Each test stores DICOM files and registers models in folders of its own, removed after
+    it: a registered model is two copies of its weights (90 to 270 MB for these networks)."""
     settings.DICOM_STORAGE_DIR = tmp_path / "dicom"
-    return Path(settings.DICOM_STORAGE_DIR)
+    settings.INFERENCE_MODELS_DIR = tmp_path / "models"
+    yield Path(settings.DICOM_STORAGE_DIR)
+    for folder in (settings.DICOM_STORAGE_DIR, settings.INFERENCE_MODELS_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -80,6 +85,7 @@ def worker_env(transactional_db: None, tmp_path: Path) -> dict[str, str]:
         DATABASE_URL=database_url(),
         PACS_AI_DATA_DIR=str(settings.PACS_AI_DATA_DIR),
         DICOM_STORAGE_DIR=str(settings.DICOM_STORAGE_DIR),
+        INFERENCE_MODELS_DIR=str(settings.INFERENCE_MODELS_DIR),
         SERIES_QUIET_SECONDS="CR=1,DX=1,CT=2,*=2",
         SERIES_SWEEP_INTERVAL="0.5",
         PYTHONUNBUFFERED="1",
@@ -87,45 +93,61 @@ def worker_env(transactional_db: None, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def start_worker(
+    env: dict[str, str], folder: Path, *, name: str = "worker"
+) -> subprocess.Popen[bytes]:
+    """Start a real ``celery -A pacs_ai worker -B`` process, as production runs it.
+
+    It leads a process group of its own (pool and beat included), logging to ``folder/<name>.log``.
+    """
+    with (folder / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "pacs_ai",
+                "worker",
+                "-B",
+                "-Q",
+                "default,inference",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "INFO",
+                "--schedule",
+                str(folder / f"{name}-beat-schedule"),
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_worker(process: subprocess.Popen[bytes], folder: Path, *, name: str = "worker") -> None:
+    """Stop a worker from ``start_worker`` (warm shutdown, then SIGKILL) and show its log's tail."""
+    if process.poll() is None:
+        # The main process alone: it stops its pool and beat; a SIGTERM to a pool process makes
+        # the pool start a new one and can stall the shutdown.
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    sys.stdout.write((folder / f"{name}.log").read_text(errors="replace")[-4000:])
+
+
 @pytest.fixture
 def celery_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery -A pacs_ai worker -B`` process, as production runs it."""
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "pacs_ai",
-            "worker",
-            "-B",
-            "-Q",
-            "default,inference",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--schedule",
-            str(tmp_path / "beat-schedule"),
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        cwd=ROOT,
-        env=worker_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_worker(worker_env, tmp_path)
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
-        sys.stdout.write((tmp_path / "worker.log").read_text(errors="replace")[-4000:])
+        stop_worker(process, tmp_path)

@@ -6,7 +6,7 @@ import configparser
 import importlib
 import re
 import shlex
-from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -44,8 +44,9 @@ def check_command(argv: list[str]) -> None:
         pytest.fail(f"unknown program {program!r} in {argv}")
 
 
-def compose_services() -> dict[str, dict]:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+def compose_services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    return services
 
 
 @pytest.mark.parametrize("name", sorted(compose_services()))

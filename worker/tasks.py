@@ -13,6 +13,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.db import DatabaseError
 
+from inference.export import outbox_create, outbox_recover, outbox_send
 from inference.models import InferenceJob
 from inference.services import jobs_recover, series_route
 from studies.services import series_sweep
@@ -63,3 +64,31 @@ def run_inference(self: Task[[int], None], job_id: int) -> None:
         )
         if not final:
             raise self.retry(exc=exc, countdown=2**attempt) from exc
+
+
+@shared_task(
+    # Acknowledged only when done: making the outbox is idempotent and items are claimed.
+    acks_late=True,
+    soft_time_limit=settings.EXPORT_TIME_LIMIT,
+    time_limit=settings.EXPORT_TIME_LIMIT + 30,
+    ignore_result=True,
+)
+def export_results(job_id: int) -> None:
+    """Make a finished job's DICOM results, queue them per destination and send them."""
+    job = InferenceJob.objects.select_related("series__study").filter(pk=job_id).first()
+    if job is None:
+        logger.warning("job %s: gone before its results were exported", job_id)
+        return
+    outbox_create(job=job)
+    outbox_send(job_id=job_id)
+
+
+@shared_task(
+    soft_time_limit=settings.EXPORT_TIME_LIMIT,
+    time_limit=settings.EXPORT_TIME_LIMIT + 30,
+    ignore_result=True,
+)
+def retry_outbox() -> int:
+    """Periodic: re-make lost exports and send every outbox item that is due."""
+    outbox_recover()
+    return outbox_send()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 
 import pytest
 import torch
 
 from inference import services
-from inference.models import ModelVersion
+from inference.models import ModelVersion, RoutingRule
 from inference.networks import build_model, export_onnx
 from inference.preprocessing import PreprocessSpec
 
@@ -59,3 +60,12 @@ def register_model(model_files) -> Callable[..., ModelVersion]:
         return services.model_version_activate(model_version=model) if activate else model
 
     return register
+
+
+@pytest.fixture
+def default_routing(transactional_db: None) -> None:
+    """Chest radiographs and chest CTs are routed to their models, as on a fresh installation
+    (a transactional test's flush deletes what the migrations put in the database)."""
+    defaults = import_module("inference.migrations.0002_default_routing_rules").DEFAULTS
+    for fields in defaults:
+        RoutingRule.objects.get_or_create(name=fields["name"], defaults=fields)

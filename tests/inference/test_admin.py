@@ -309,3 +309,30 @@ def test_routing_rules_are_enabled_and_ordered_from_the_list(admin_client):
     assert response.status_code == 302
     rule.refresh_from_db()
     assert (rule.enabled, rule.priority) == (False, 7)
+
+
+def test_a_failed_outbox_item_can_be_resent(admin_client, django_capture_on_commit_callbacks):
+    from inference.models import OutboxItem
+    from studies.models import DicomNode
+
+    series = studies_services.instance_store(
+        data=encode(make_dataset(Modality="CR")), calling_ae="MODALITY"
+    ).series
+    job = InferenceJob.objects.create(
+        series=series, series_revision=1, task="cxr2d", mode="per_series", status="succeeded"
+    )
+    node = DicomNode.objects.create(name="pacs", ae_title="PACS", host="127.0.0.1", port=104,
+                                    is_destination=True)  # fmt: skip
+    item = OutboxItem.objects.create(
+        job=job, destination=node, kind="sr", sop_instance_uid="1.2.3", file_path="x.dcm",
+        status="failed", attempts=8, last_error="connection refused",
+    )  # fmt: skip
+    url = reverse("admin:inference_outboxitem_changelist")
+    assert admin_client.get(url).status_code == 200
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        admin_client.post(url, {"action": "resend", "_selected_action": [item.pk]})
+
+    item.refresh_from_db()
+    assert (item.status, item.attempts, item.last_error) == ("queued", 0, "")
+    assert len(callbacks) == 1

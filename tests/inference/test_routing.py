@@ -87,3 +87,23 @@ def test_lost_jobs_are_sent_again_once(settings, django_capture_on_commit_callba
     assert len(callbacks) == 2
     assert services.jobs_recover(now=later) == []
     assert InferenceJob.objects.get(pk=running.pk).status == "queued"
+
+
+def test_a_job_that_keeps_losing_its_worker_is_failed_not_resent(
+    settings, django_capture_on_commit_callbacks
+):
+    series = store_series(Modality="CT", BodyPartExamined="CHEST")
+    job = services.series_route(series=series)
+    assert job is not None
+    InferenceJob.objects.filter(pk=job.pk).update(
+        status="running", started_at=timezone.now(), attempts=settings.INFERENCE_MAX_ATTEMPTS
+    )
+    later = timezone.now() + dt.timedelta(seconds=settings.INFERENCE_HARD_TIME_LIMIT + 3600)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert services.jobs_recover(now=later) == []
+
+    assert callbacks == []
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert "worker was lost" in job.error

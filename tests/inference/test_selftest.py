@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from inference.models import RoutingRule
 from studies.models import Series, Study
-
-DEFAULT_RULES = import_module("inference.migrations.0002_default_routing_rules").DEFAULTS
-
-
-@pytest.fixture
-def routing(transactional_db):
-    for fields in DEFAULT_RULES:  # a transactional test's flush drops migration data
-        RoutingRule.objects.get_or_create(name=fields["name"], defaults=fields)
 
 
 @pytest.mark.timeout(240)
-def test_every_stage_passes_on_a_running_system(listener, celery_worker, routing, register_model):
+def test_every_stage_passes_on_a_running_system(
+    listener, celery_worker, default_routing, register_model
+):
     register_model("cxr2d")
     out = StringIO()
 
