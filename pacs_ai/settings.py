@@ -85,6 +85,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "pacs_ai",
     "studies",
     "inference",
@@ -154,6 +155,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Studies, AI jobs and predictions. AI results are not for diagnostic use.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's files come with the sidecar package: hospital networks often have no internet.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Celery: the embedded default is kombu's filesystem transport under the data directory ----

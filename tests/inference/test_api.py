@@ -604,3 +604,6 @@ def test_the_docs_page_is_served_to_a_signed_in_user():
 
     assert response.status_code == 200
     assert b"swagger" in response.content.lower()
+    # Served from this host (the sidecar package), not a CDN a hospital network cannot reach.
+    assert b"cdn" not in response.content.lower()
+    assert b"/static/drf_spectacular_sidecar/" in response.content
