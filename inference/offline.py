@@ -21,14 +21,19 @@ from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.test import override_settings
 from pydicom import Dataset, dcmread
 from pydicom.uid import MediaStorageDirectoryStorage
 from tqdm import tqdm
 
 from inference import preprocessing
 from inference.models import Mode, ModelVersion, Prediction, Task
-from inference.pipeline import Array, Draft, Ensemble, _draft, _per_slice_probabilities
+from inference.pipeline import (
+    Array,
+    Draft,
+    Ensemble,
+    draft_from_probabilities,
+    per_slice_probabilities,
+)
 from inference.preprocessing import NotAnalysable, PreprocessSpec
 from inference.reports import FAILURE, SUCCESS, ReportRow, pathology
 from inference.runners import runner_for
@@ -128,11 +133,9 @@ def files_infer(
         groups, unreadable = _group(reading, mode)
         ensembles = _ensembles({g.task for g in groups if g.task}, requested, kind, mode)
         rows: list[ReportRow] = []
-        # Ensemble reads the runner kind from settings; see the refactor asked of pipeline.py.
-        with override_settings(INFERENCE_RUNNER=kind):
-            for group in tqdm(groups, desc="analysing", unit="series", disable=not progress):
-                task = group.task
-                rows.extend(_analyse(group, ensembles.get(task) if task else None, mode))
+        for group in tqdm(groups, desc="analysing", unit="series", disable=not progress):
+            task = group.task
+            rows.extend(_analyse(group, ensembles.get(task) if task else None, mode))
     return rows + failures + unreadable
 
 
@@ -242,7 +245,7 @@ def _ensembles(
             members = list(active_models(task=task))
         if not members:
             continue
-        ensembles[task] = ensemble = Ensemble(members=members)
+        ensembles[task] = ensemble = Ensemble(members=members, runner=kind)
         for member in members:
             runner_for(model_version=member, kind=kind)
         if task == Task.CT3D and mode == Mode.PER_SLICE:
@@ -308,12 +311,12 @@ def _analyse_ct(
     preprocessing.check_ct_series(paths, spec)
     volume = preprocessing.ct_volume(paths, spec, buffer=_VOLUME_BUFFER)
     batch = volume.pixels[None]
-    results = [(group.folder, _draft(ensemble, ensemble.probabilities(batch)[0]))]
+    results = [(group.folder, draft_from_probabilities(ensemble, ensemble.probabilities(batch)[0]))]
     if mode == Mode.PER_SLICE:
         shown = {uid: file.shown for uid, file in zip(group.sop_uids, group.files, strict=True)}
-        per_slice = _per_slice_probabilities(ensemble, batch, len(volume.slice_uids))
+        per_slice = per_slice_probabilities(ensemble, batch, len(volume.slice_uids))
         results.extend(
-            (shown.get(uid, ""), _draft(ensemble, row, slice_index=index))
+            (shown.get(uid, ""), draft_from_probabilities(ensemble, row, slice_index=index))
             for index, (uid, row) in enumerate(zip(volume.slice_uids, per_slice, strict=True))
         )
     return results
@@ -333,7 +336,12 @@ def _analyse_radiographs(
             refused[index] = _not_analysed(exc.reason)
     probabilities = iter(ensemble.probabilities(np.stack(inputs)) if inputs else ())
     results = [
-        (file.shown, refused[index] if index in refused else _draft(ensemble, next(probabilities)))
+        (
+            file.shown,
+            refused[index]
+            if index in refused
+            else draft_from_probabilities(ensemble, next(probabilities)),
+        )
         for index, file in enumerate(group.files)
     ]
     if mode == Mode.PER_SERIES:
