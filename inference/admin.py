@@ -30,7 +30,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
-from inference import review_views
+from inference import reports, review_views
 from inference.export import outbox_resend
 from inference.models import (
     NOT_FOR_DIAGNOSTIC_USE,
@@ -366,7 +366,7 @@ class PredictionAdmin(admin.ModelAdmin[Prediction]):
     search_fields = SERIES_SEARCH_FIELDS
     ordering = ["-created_at"]
     show_full_result_count = False
-    actions = ["export_training_set"]
+    actions = ["download_excel_report", "export_training_set"]
     fields = [
         "images",
         ("label", "probability", "threshold"),
@@ -512,6 +512,30 @@ class PredictionAdmin(admin.ModelAdmin[Prediction]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Prediction | None = None) -> bool:
         return False
+
+    @admin.action(description="Download the selected results as an Excel report")
+    def download_excel_report(
+        self, request: HttpRequest, queryset: QuerySet[Prediction]
+    ) -> HttpResponse:
+        """The report the API and ``manage.py report`` give, for the selected results (audited
+        as an export of each patient's results)."""
+        rows = reports.rows_from_predictions(queryset.order_by("pk"))
+        patients = set(queryset.values_list("series__study__patient_id", flat=True))
+        for patient_id in patients:
+            audit_record(
+                user=request.user,
+                action="export",
+                object_type="report",
+                object_id=len(rows),
+                patient_id=patient_id,
+                path=request.path,
+            )
+        response = HttpResponse(
+            reports.render(rows, fmt="xlsx"),
+            content_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        )
+        response["Content-Disposition"] = 'attachment; filename="pacs-ai-report.xlsx"'
+        return response
 
     @admin.action(
         description="Export the reviewed among the selected results as a training set",

@@ -336,3 +336,27 @@ def test_a_failed_outbox_item_can_be_resent(admin_client, django_capture_on_comm
     item.refresh_from_db()
     assert (item.status, item.attempts, item.last_error) == ("queued", 0, "")
     assert len(callbacks) == 1
+
+
+def test_the_selected_results_download_as_the_excel_report(admin_client, results):
+    from io import BytesIO
+
+    from openpyxl import load_workbook
+
+    from inference.models import AuditEvent
+
+    pks = list(Prediction.objects.values_list("pk", flat=True))
+    response = admin_client.post(
+        reverse("admin:inference_prediction_changelist"),
+        {"action": "download_excel_report", "_selected_action": pks},
+    )
+
+    assert response.status_code == 200
+    sheet = load_workbook(BytesIO(response.content)).worksheets[0]
+    header = [cell.value for cell in sheet[1]]
+    assert header == [
+        "path_to_study", "study_uid", "series_uid", "probability_of_pathology", "pathology",
+        "processing_status", "time_of_processing",
+    ]  # fmt: skip
+    assert sheet.max_row == len(pks) + 1
+    assert AuditEvent.objects.filter(action="export", object_type="report").exists()
