@@ -21,13 +21,11 @@ import onnxruntime as ort
 import torch
 from django.conf import settings
 from django.core.management.base import CommandError
-from pydicom import Dataset, FileMetaDataset, dcmread
+from pydicom import Dataset, dcmread
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
-    UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
     generate_uid,
 )
 
@@ -38,6 +36,7 @@ from inference.pipeline import job_run
 from inference.preprocessing import PreprocessSpec
 from inference.runners.onnx import providers
 from studies import services as studies_services
+from studies.bench import synthetic_image
 from studies.models import Instance, Series
 from studies.storage import storage_root
 
@@ -153,7 +152,7 @@ def dx_series(
     for first in range(0, images, per_series):
         study_uid, series_uid = generate_uid(), generate_uid()
         for number in range(1, min(per_series, images - first) + 1):
-            ds = _image(
+            ds = synthetic_image(
                 sop_class=DigitalXRayImageStorageForPresentation,
                 modality="DX",
                 patient_id=f"{tag}-DX-{first}",
@@ -176,7 +175,7 @@ def ct_series(*, slices: int, size: int, rng: np.random.Generator, tag: str) -> 
     apart) that passes the CT quality gate."""
     study_uid, series_uid = generate_uid(), generate_uid()
     for number in range(1, slices + 1):
-        ds = _image(
+        ds = synthetic_image(
             sop_class=CTImageStorage,
             modality="CT",
             patient_id=f"{tag}-CT",
@@ -194,32 +193,6 @@ def ct_series(*, slices: int, size: int, rng: np.random.Generator, tag: str) -> 
         ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
         instance = _store(ds)
     return instance.series
-
-
-def _image(
-    *,
-    sop_class: UID,
-    modality: str,
-    patient_id: str,
-    study_uid: str,
-    series_uid: str,
-    number: int,
-    pixels: npt.NDArray[np.uint16],
-) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.PatientID, ds.PatientName = patient_id, "BENCH^SYNTHETIC"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.StudyDate, ds.StudyTime = "20240101", "120000"
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, number
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.tobytes()
-    return ds
 
 
 def _store(ds: Dataset) -> Instance:

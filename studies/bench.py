@@ -54,7 +54,7 @@ def ct_series(
     study_uid, series_uid = generate_uid(), generate_uid()
     files = []
     for number in range(1, slices + 1):
-        ds = _image(
+        ds = synthetic_image(
             sop_class=CTImageStorage,
             modality="CT",
             patient_id=accession,
@@ -80,7 +80,7 @@ def dx_images(
     """Chest X-rays as a PACS sends them: each 2048x2048 16-bit image its own patient and study."""
     files = []
     for number in range(1, images + 1):
-        ds = _image(
+        ds = synthetic_image(
             sop_class=DigitalXRayImageStorageForPresentation,
             modality="DX",
             patient_id=f"{accession}-{number}",
@@ -98,17 +98,18 @@ def dx_images(
     return _workload(name, accession, files, 1)
 
 
-def _image(
+def synthetic_image(
     *,
     sop_class: UID,
     modality: str,
     patient_id: str,
-    accession: str,
     study_uid: str,
     series_uid: str,
     number: int,
     pixels: np.ndarray,
+    accession: str = "",
 ) -> Dataset:
+    """A 16-bit greyscale instance with a synthetic patient and fresh SOP Instance UID."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
