@@ -22,15 +22,39 @@ from inference.torchvision_compat import import_torchvision
 Array = npt.NDArray[np.float32]
 
 
-def gradcam(model: torch.nn.Module, architecture: str, batch: Array, class_index: int) -> Array:
-    """Heatmaps in [0, 1] at the input's size: [N, H, W] for 2D input, [N, D, H, W] for 3D."""
+class _WithMetadata(torch.nn.Module):
+    """A metadata-fusion network with its metadata bound: Grad-CAM varies the image only."""
+
+    def __init__(self, model: torch.nn.Module, metadata: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.metadata = model, metadata
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(image, self.metadata)
+        return logits
+
+
+def gradcam(
+    model: torch.nn.Module,
+    architecture: str,
+    batch: Array,
+    class_index: int,
+    metadata: Array | None = None,
+) -> Array:
+    """Heatmaps in [0, 1] at the input's size: [N, H, W] for 2D input, [N, D, H, W] for 3D.
+
+    A metadata-fusion model needs the batch's ``metadata`` too.
+    """
     import_torchvision()  # pytorch_grad_cam imports torchvision, which needs the CPU shim here
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     device = next(model.parameters()).device
     tensor = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device)
-    with GradCAM(model=model, target_layers=[target_layer(model, architecture)]) as cam:
+    layer = target_layer(model, architecture)
+    if metadata is not None:
+        model = _WithMetadata(model, torch.from_numpy(metadata).to(device))
+    with GradCAM(model=model, target_layers=[layer]) as cam:
         heat = cam(input_tensor=tensor, targets=[ClassifierOutputTarget(class_index)] * len(batch))
     return np.nan_to_num(np.asarray(heat, np.float32))
 

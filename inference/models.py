@@ -27,6 +27,7 @@ class Mode(models.TextChoices):
 
 class ModelVersion(models.Model):
     class Architecture(models.TextChoices):
+        RESNET10 = "resnet10", "ResNet-10 (2D, 1-channel stem)"
         RESNET18 = "resnet18", "ResNet-18 (2D, 1-channel stem)"
         RESNET50 = "resnet50", "ResNet-50 (2D, 1-channel stem)"
         R3D_18 = "r3d_18", "R3D-18 (3D, 1-channel stem)"

@@ -3,7 +3,9 @@
 One place defines each architecture, so a checkpoint trained by ``manage.py train`` always loads
 into the same module the worker builds. Every network reads one grey channel:
 
-- ``resnet18``, ``resnet50``: radiographs, input ``[N, 1, H, W]``;
+- ``resnet10``, ``resnet18``, ``resnet50``: radiographs, input ``[N, 1, H, W]``; ResNet-10 is
+  torchvision's ResNet with one basic block per stage (half ResNet-18's compute, 4.9M
+  parameters): the shipped chest X-ray model, small enough to keep in the repository;
 - ``r3d_18``: CT volumes, input ``[N, 1, D, H, W]``;
 
 and returns logits ``[N, num_classes]``. Weights start random (``weights=None``): nothing is
@@ -20,13 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.preprocessing import METADATA_FEATURES
 from inference.torchvision_compat import import_torchvision
 
-ARCHITECTURES_2D = ("resnet18", "resnet50")
+ARCHITECTURES_2D = ("resnet10", "resnet18", "resnet50")
 ARCHITECTURES_3D = ("r3d_18",)
 ONNX_OPSET = 18
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "logits"
+ONNX_METADATA = "metadata"
+METADATA_WIDTH = 16
 
 
 def input_dims(architecture: str) -> int:
@@ -39,12 +44,46 @@ def input_dims(architecture: str) -> int:
     raise ValueError(f"unknown architecture {architecture!r}; known: {known}")
 
 
-def build_model(architecture: str, num_classes: int) -> nn.Module:
-    """A randomly initialised network with a one-channel stem and ``num_classes`` logits."""
+class MetadataFusion(nn.Module):
+    """A 2D network whose head also reads DICOM metadata (``manage.py train --with-meta``).
+
+    The backbone's pooled image features and a small embedding of the metadata vector
+    (:data:`inference.preprocessing.METADATA_FEATURES`) are concatenated and go through one
+    linear layer. Called as ``model(image, metadata)``; ONNX inputs ``"input"`` and
+    ``"metadata"``.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, features: int) -> None:
+        super().__init__()
+        fc = backbone.get_submodule("fc")
+        assert isinstance(fc, nn.Linear)
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.metadata = nn.Sequential(nn.Linear(features, METADATA_WIDTH), nn.ReLU())
+        self.fc = nn.Linear(fc.in_features + METADATA_WIDTH, num_classes)
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([self.backbone(image), self.metadata(metadata)], dim=1)
+        logits: torch.Tensor = self.fc(features)
+        return logits
+
+
+def build_model(architecture: str, num_classes: int, *, metadata: bool = False) -> nn.Module:
+    """A randomly initialised network with a one-channel stem and ``num_classes`` logits;
+    with ``metadata``, wrapped in :class:`MetadataFusion` (radiograph networks only)."""
+    if metadata:
+        if input_dims(architecture) != 2:
+            raise ValueError("metadata fusion is for radiograph networks only")
+        backbone = build_model(architecture, num_classes)
+        return MetadataFusion(backbone, num_classes, len(METADATA_FEATURES))
     models = import_torchvision().models
     model: nn.Module
     if input_dims(architecture) == 2:
-        model = getattr(models, architecture)(weights=None, num_classes=num_classes)
+        if architecture == "resnet10":
+            resnet = models.resnet
+            model = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+        else:
+            model = getattr(models, architecture)(weights=None, num_classes=num_classes)
         model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     else:
         model = models.video.r3d_18(weights=None, num_classes=num_classes)
@@ -64,7 +103,8 @@ def target_layer(model: nn.Module, architecture: str) -> nn.Module:
     future network with another layout fails here rather than explaining the wrong layer.
     """
     input_dims(architecture)
-    return list(model.get_submodule("layer4").children())[-1]
+    network = model.backbone if isinstance(model, MetadataFusion) else model
+    return list(network.get_submodule("layer4").children())[-1]
 
 
 def per_slice_logits(
@@ -101,26 +141,35 @@ def per_slice_logits(
     return resampled.transpose(1, 2).to(volume.device)
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: Path,
+    *,
+    metadata: torch.Tensor | None = None,
+) -> None:
     """Write ``model`` in eval mode to ``path`` as one self-contained ONNX file.
 
-    Input ``"input"`` and output ``"logits"``; the batch axis is dynamic, every other axis
+    Input ``"input"`` (and ``"metadata"`` for a :class:`MetadataFusion` model, with an
+    example ``metadata``) and output ``"logits"``; the batch axis is dynamic, every other axis
     (including a CT volume's depth) stays as in ``example_input``. Uses torch's dynamo exporter
     (``torch.export``, opset 18, needs the ``onnx`` and ``onnxscript`` packages, no network).
     The model's training mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
+    batch = torch.export.Dim("batch", min=1)
+    inputs = (example_input,) if metadata is None else (example_input, metadata)
     try:
         torch.onnx.export(
             model,
-            (example_input,),
+            inputs,
             str(path),
             dynamo=True,
             opset_version=ONNX_OPSET,
-            input_names=[ONNX_INPUT],
+            input_names=[ONNX_INPUT, ONNX_METADATA][: len(inputs)],
             output_names=[ONNX_OUTPUT],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
             external_data=False,
             verbose=False,
         )
@@ -128,7 +177,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> No
         model.train(was_training)
 
 
-def onnx_max_abs_diff(model: nn.Module, path: Path, example_input: torch.Tensor) -> float:
+def onnx_max_abs_diff(
+    model: nn.Module,
+    path: Path,
+    example_input: torch.Tensor,
+    *,
+    metadata: torch.Tensor | None = None,
+) -> float:
     """The largest absolute difference between ONNX Runtime (CPU) and torch logits on one input.
 
     Both run in inference mode on ``example_input``; the model's training mode is restored.
@@ -137,12 +192,17 @@ def onnx_max_abs_diff(model: nn.Module, path: Path, example_input: torch.Tensor)
     import onnxruntime  # type: ignore[import-untyped, unused-ignore]
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: example_input.numpy()})
+    feeds = {ONNX_INPUT: example_input.numpy()}
+    inputs = [example_input]
+    if metadata is not None:
+        feeds[ONNX_METADATA] = metadata.numpy()
+        inputs.append(metadata)
+    (onnx_logits,) = session.run([ONNX_OUTPUT], feeds)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            torch_logits = model(example_input).numpy()
+            torch_logits = model(*inputs).numpy()
     finally:
         model.train(was_training)
     return float(np.max(np.abs(np.asarray(onnx_logits) - torch_logits)))

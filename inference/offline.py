@@ -327,14 +327,18 @@ def _analyse_radiographs(
 ) -> list[tuple[str, Draft]]:
     """Each image's result in per-slice mode; else the series' most positive image's (or, when
     none could be analysed, the first image's reason)."""
-    inputs: list[Array] = []
+    inputs: list[tuple[Array, Array]] = []
     refused: dict[int, Draft] = {}
     for index, file in enumerate(group.files):
         try:
             inputs.append(_radiograph_input(file, spec, image=group.image))
         except NotAnalysable as exc:
             refused[index] = _not_analysed(exc.reason)
-    probabilities = iter(ensemble.probabilities(np.stack(inputs)) if inputs else ())
+    probabilities = iter(
+        ensemble.probabilities(*(np.stack(arrays) for arrays in zip(*inputs, strict=True)))
+        if inputs
+        else ()
+    )
     results = [
         (
             file.shown,
@@ -354,13 +358,20 @@ def _analyse_radiographs(
     return results
 
 
-def _radiograph_input(file: _File, spec: PreprocessSpec, *, image: bool) -> Array:
-    """The model input of a radiograph: a DICOM file through the quality gate, or an image."""
+def _radiograph_input(file: _File, spec: PreprocessSpec, *, image: bool) -> tuple[Array, Array]:
+    """The model input and metadata features of a radiograph: a DICOM file through the quality
+    gate, or an image (whose metadata is unknown)."""
     if image:
-        return preprocessing.radiograph_from_file(file.path, spec)
+        return (
+            preprocessing.radiograph_from_file(file.path, spec),
+            preprocessing.metadata_features(None),
+        )
     dataset = dcmread(file.path)
     preprocessing.check_radiograph(dataset, spec)
-    return preprocessing.radiograph_from_dataset(dataset, spec)
+    return (
+        preprocessing.radiograph_from_dataset(dataset, spec),
+        preprocessing.metadata_features(dataset),
+    )
 
 
 def _not_analysed(reason: str) -> Draft:

@@ -94,14 +94,27 @@ class Ensemble:
         total = sum(member.ensemble_weight for member in self.members)
         return sum(m.threshold * m.ensemble_weight for m in self.members) / total
 
-    def probabilities(self, batch: Array) -> Array:
-        """Class probabilities [N, classes], the weighted mean of the members' softmax."""
+    def probabilities(self, batch: Array, metadata: Array | None = None) -> Array:
+        """Class probabilities [N, classes], the weighted mean of the members' softmax.
+
+        ``metadata`` [N, features] goes to the members that fuse it (see
+        :func:`preprocessing.metadata_features`); the others read the images only.
+        """
         total = sum(member.ensemble_weight for member in self.members)
         mixed = np.zeros((len(batch), len(self.lead.class_labels)), np.float32)
         for member in self.members:
-            logits = runner_for(model_version=member, kind=self.runner).logits(batch)
+            fused = metadata if uses_metadata(member) else None
+            if uses_metadata(member) and metadata is None:
+                raise ValueError(f"{member.name} {member.version} needs the images' metadata")
+            runner = runner_for(model_version=member, kind=self.runner)
+            logits = runner.logits(batch, fused)
             mixed += _softmax(logits) * np.float32(member.ensemble_weight / total)
         return mixed
+
+
+def uses_metadata(model_version: ModelVersion) -> bool:
+    """Whether the model's head also reads DICOM metadata (trained with --with-meta)."""
+    return bool(model_version.preprocessing.get("metadata"))
 
 
 def job_run(*, job_id: int) -> InferenceJob | None:
@@ -174,6 +187,7 @@ def _analyse_radiographs(
     """One prediction per image (per-slice mode) or the series' most positive image."""
     inputs: list[Array] = []
     shapes: list[tuple[int, int]] = []
+    features: list[Array] = []
     readable: list[Instance] = []
     drafts: dict[int, Draft] = {}
     with _timed(timings, "preprocess"):
@@ -186,11 +200,12 @@ def _analyse_radiographs(
         else:
             inputs.append(result[0])
             shapes.append(result[1])
+            features.append(result[2])
             readable.append(instance)
     if readable:
         batch = np.stack(inputs)
         with _timed(timings, "infer"):
-            probabilities = ensemble.probabilities(batch)
+            probabilities = ensemble.probabilities(batch, np.stack(features))
         for row, instance in enumerate(readable):
             drafts[instance.pk] = draft_from_probabilities(
                 ensemble, probabilities[row], instance=instance
@@ -203,21 +218,25 @@ def _analyse_radiographs(
         for draft in ordered:
             if draft.instance is not None and _wants_heatmap(draft, ensemble):
                 row = readable.index(draft.instance)
-                _explain_radiograph(job, ensemble, spec, draft, inputs[row], shapes[row])
+                _explain_radiograph(
+                    job, ensemble, spec, draft, inputs[row], shapes[row], features[row]
+                )
     return ordered
 
 
 def _radiograph_input(
     instance: Instance, spec: PreprocessSpec
-) -> tuple[Array, tuple[int, int]] | NotAnalysable:
-    """A stored radiograph's model input and (rows, columns), or why it may not be analysed."""
+) -> tuple[Array, tuple[int, int], Array] | NotAnalysable:
+    """A stored radiograph's model input, (rows, columns) and metadata features, or why it may
+    not be analysed."""
     try:
         dataset = dcmread(storage_root() / instance.file_path)
         preprocessing.check_radiograph(dataset, spec)
         model_input = preprocessing.radiograph_from_dataset(dataset, spec)
     except NotAnalysable as exc:
         return exc
-    return model_input, (int(dataset.Rows), int(dataset.Columns))
+    shape = (int(dataset.Rows), int(dataset.Columns))
+    return model_input, shape, preprocessing.metadata_features(dataset)
 
 
 @functools.cache
@@ -330,11 +349,13 @@ def _explain_radiograph(
     draft: Draft,
     model_input: Array,
     shape: tuple[int, int],
+    features: Array,
 ) -> None:
     lead = ensemble.lead
     model = runner_for(model_version=lead, kind="torch").model  # type: ignore[attr-defined]
     positive = lead.class_labels.index(lead.positive_label)
-    heat = explain.gradcam(model, lead.architecture, model_input[None], positive)[0]
+    metadata = features[None] if uses_metadata(lead) else None
+    heat = explain.gradcam(model, lead.architecture, model_input[None], positive, metadata)[0]
     image = model_input[0] * np.float32(spec.std) + np.float32(spec.mean)
     assert draft.instance is not None
     relative = _output_folder(job) / f"{draft.instance.sop_instance_uid}.png"

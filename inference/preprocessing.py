@@ -88,6 +88,8 @@ class PreprocessSpec:
     spacing_tolerance_mm: float = 0.1
     min_age_years: float | None = None
     max_age_years: float | None = None
+    # The network also reads METADATA_FEATURES (trained with ``manage.py train --with-meta``).
+    metadata: bool = False
 
     def __post_init__(self) -> None:
         if self.dims not in (2, 3) or len(self.size) != self.dims or min(self.size) < 1:
@@ -98,6 +100,8 @@ class PreprocessSpec:
             raise ValueError("a CT spec needs an HU window")
         if not self.std > 0:
             raise ValueError("std must be positive")
+        if self.metadata and self.dims != 2:
+            raise ValueError("metadata fusion is for radiographs (2 dimensions) only")
         if self.min_slices < 2:
             raise ValueError("min_slices must be at least 2 to measure the slice spacing")
 
@@ -505,6 +509,34 @@ def patient_age_years(ds: Dataset) -> float | None:
     if birth is None or taken is None or taken < birth:
         return None
     return (taken - birth).days / 365.25
+
+
+METADATA_FEATURES = (
+    "age_years/100",
+    "age_known",
+    "sex_male",
+    "sex_female",
+    "view_pa",
+    "view_ap",
+    "view_lateral",
+)
+_LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "RLD", "LLD")
+
+
+def metadata_features(ds: Dataset | None) -> Array:
+    """PatientAge (or birth and study dates), PatientSex and ViewPosition as the fused head of
+    a ``--with-meta`` model reads them (:data:`METADATA_FEATURES`); unknown values are zeros,
+    as for a JPEG/PNG image (``None``), which has no header."""
+    features = np.zeros(len(METADATA_FEATURES), np.float32)
+    if ds is None:
+        return features
+    age = patient_age_years(ds)
+    if age is not None:
+        features[0:2] = (min(age, 120.0) / 100.0, 1.0)
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    features[2:] = (sex == "M", sex == "F", view == "PA", view == "AP", view in _LATERAL_VIEWS)
+    return features
 
 
 def _age_range(spec: PreprocessSpec) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from inference.models import (
     Review,
     RoutingRule,
 )
-from inference.selectors import routing_rule_for_series
+from inference.selectors import active_models, routing_rule_for_series
 from studies.models import Series
 from studies.storage import sanitise_uid, storage_root
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUN_INFERENCE_TASK = "worker.tasks.run_inference"
+# Models trained by this project and kept in the repository: a folder each, holding
+# model.onnx, model.pt and the model_card.json that ``manage.py train`` wrote for them.
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped_models"
 
 
 def sha256_of(path: Path) -> str:
@@ -118,6 +122,53 @@ def model_version_activate(*, model_version: ModelVersion, ensemble: bool = Fals
         "model %s %s active for %s", model_version.name, model_version.version, model_version.task
     )
     return model_version
+
+
+class ShippedModelError(RuntimeError):
+    """A shipped model's files do not match its card."""
+
+
+def shipped_models_install(*, root: Path = SHIPPED_MODELS_DIR) -> list[tuple[ModelVersion, str]]:
+    """Register the models shipped in ``root``; activate each where its task has none active.
+
+    Idempotent: a version registered before is left as it is, and one an administrator retired
+    stays retired. Each file's sha256 must match the card before anything is registered.
+    Returns each model with what happened to it: "registered", "activated" or "present".
+    """
+    outcome = []
+    for card_path in sorted(root.glob("*/model_card.json")):
+        folder = card_path.parent
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        files = {"onnx_sha256": folder / "model.onnx", "weights_sha256": folder / "model.pt"}
+        for key, path in files.items():
+            if sha256_of(path) != card["files"][key]:
+                raise ShippedModelError(f"{path} does not match the sha256 in {card_path}")
+        model = ModelVersion.objects.filter(name=card["name"], version=card["version"]).first()
+        action = "present"
+        if model is None:
+            model = model_version_register(
+                name=card["name"],
+                version=card["version"],
+                task=card["task"],
+                architecture=card["architecture"],
+                class_labels=card["classes"],
+                positive_label=card["positive_label"],
+                threshold=card["threshold"]["value"],
+                preprocessing=card["preprocessing"],
+                onnx_file=files["onnx_sha256"],
+                weights_file=files["weights_sha256"],
+                metrics=card["metrics"],
+                model_card=card,
+            )
+            action = "registered"
+        if (
+            model.status == ModelVersion.Status.CANDIDATE
+            and not active_models(task=model.task).exists()
+        ):
+            model_version_activate(model_version=model)
+            action = "activated"
+        outcome.append((model, action))
+    return outcome
 
 
 def series_route(*, series: Series) -> InferenceJob | None:
@@ -361,6 +412,31 @@ class TrainingSetExport:
         return sum(self.counts.values())
 
 
+def latest_reviews(*, predictions: QuerySet[Prediction]) -> list[Review]:
+    """The newest review of each image or series among the analysed ``predictions``.
+
+    Where several reviewed predictions cover the same image (or, for series-level results,
+    the same series), the newest review among them decides. Ordered by prediction id.
+    """
+    latest: dict[tuple[str, int], Review] = {}
+    for review in (
+        Review.objects.filter(
+            prediction__in=predictions, prediction__status=Prediction.Status.ANALYSED
+        )
+        .select_related("prediction__job", "prediction__series__study", "prediction__instance")
+        .select_related("reviewer")
+        .order_by("created_at", "pk")
+    ):
+        prediction = review.prediction
+        sample = (
+            ("instance", prediction.instance_id)
+            if prediction.instance_id is not None
+            else ("series", prediction.series_id)
+        )
+        latest[sample] = review
+    return sorted(latest.values(), key=lambda review: review.prediction_id)
+
+
 def reviewed_training_set_export(
     *,
     predictions: QuerySet[Prediction],
@@ -390,25 +466,10 @@ def reviewed_training_set_export(
     "export" audit event. Raises ValueError, writing nothing, when no prediction is reviewed or
     the reviewed ones come from more than one task.
     """
-    latest: dict[tuple[str, int], Review] = {}
-    for review in (
-        Review.objects.filter(
-            prediction__in=predictions, prediction__status=Prediction.Status.ANALYSED
-        )
-        .select_related("prediction__job", "prediction__series__study", "prediction__instance")
-        .select_related("reviewer")
-        .order_by("created_at", "pk")
-    ):
-        prediction = review.prediction
-        sample = (
-            ("instance", prediction.instance_id)
-            if prediction.instance_id is not None
-            else ("series", prediction.series_id)
-        )
-        latest[sample] = review
+    latest = latest_reviews(predictions=predictions)
     if not latest:
         raise ValueError("None of the selected results has been reviewed.")
-    tasks = sorted({review.prediction.job.task for review in latest.values()})
+    tasks = sorted({review.prediction.job.task for review in latest})
     if len(tasks) > 1:
         raise ValueError(f"Export one task at a time: the reviewed results are {', '.join(tasks)}.")
 
@@ -421,7 +482,7 @@ def reviewed_training_set_export(
     shutil.rmtree(part, ignore_errors=True)  # left by an export that died half-way
     part.mkdir(parents=True)
     try:
-        counts = _training_set_write(part, sorted(latest.values(), key=lambda r: r.prediction_id))
+        counts = _training_set_write(part, latest)
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise
@@ -431,8 +492,7 @@ def reviewed_training_set_export(
         action="export",
         object_type="prediction",
         objects=(
-            (review.prediction_id, review.prediction.series.study.patient_id)
-            for review in latest.values()
+            (review.prediction_id, review.prediction.series.study.patient_id) for review in latest
         ),
         path=str(folder)[-255:],
     )

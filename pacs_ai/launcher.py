@@ -187,6 +187,7 @@ def run() -> int:
     call_command("migrate", interactive=False)
     call_command("collectstatic", interactive=False, verbosity=0)
     call_command("ensure_admin")
+    call_command("install_shipped_models")
     connections.close_all()
     probes = {
         "web server": host_port(settings.WEB_BIND, name="WEB_BIND"),

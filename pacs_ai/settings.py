@@ -89,6 +89,7 @@ INSTALLED_APPS = [
     "pacs_ai",
     "studies",
     "inference",
+    "training",
 ]
 
 MIDDLEWARE = [

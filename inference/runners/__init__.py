@@ -29,8 +29,9 @@ class ModelIntegrityError(RuntimeError):
 class Runner(Protocol):
     def __init__(self, model_version: ModelVersion) -> None: ...
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits [N, classes] for a float32 batch [N, 1, H, W] or [N, 1, D, H, W]."""
+    def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        """Logits [N, classes] for a float32 batch [N, 1, H, W] or [N, 1, D, H, W]; a model
+        with metadata fusion also needs ``metadata`` [N, features]."""
         ...
 
 

@@ -23,8 +23,15 @@ class OnnxRunner:
         options.intra_op_num_threads = settings.ORT_INTRA_OP_THREADS
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=providers())
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [node.name for node in self.session.get_inputs()]
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+    def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        arrays = [batch] if metadata is None else [batch, metadata]
+        if len(arrays) != len(self.input_names):
+            raise ValueError(f"the model takes {', '.join(self.input_names)}")
+        feeds = {
+            name: np.ascontiguousarray(array, np.float32)
+            for name, array in zip(self.input_names, arrays, strict=True)
+        }
+        outputs = self.session.run(None, feeds)
         return np.asarray(outputs[0], dtype=np.float32)
