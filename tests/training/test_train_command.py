@@ -26,7 +26,7 @@ from studies import services as studies_services
 from tests.factories import CT_SERIES, DATA, encode, make_dataset
 from tests.training.test_datasets import write_csv
 from training import run as training_run
-from training.datasets import SampleDataset, load
+from training.datasets import Sample, SampleDataset, load
 from training.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
@@ -71,7 +71,7 @@ def assert_onnx_matches_torch(model: ModelVersion, output: Path) -> None:
     assert np.max(np.abs(onnx - torch_logits)) <= 1e-4
 
 
-def load_split(output: Path, model: ModelVersion) -> list:
+def load_split(output: Path, model: ModelVersion) -> list[Sample]:
     dataset = json.loads((output / "dataset.json").read_text())
     with (output / "split.csv").open() as handle:
         test_keys = {row["key"] for row in csv.DictReader(handle) if row["split"] == "test"}
