@@ -20,10 +20,12 @@ from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from inference.preprocessing import (
     CHEST_CT,
     CHEST_XRAY,
+    METADATA_FEATURES,
     PreprocessSpec,
     VolumeBuffer,
     ct_volume,
     letterbox,
+    metadata_features,
     radiograph_from_dataset,
     radiograph_from_file,
 )
@@ -275,3 +277,21 @@ print(len(volume.slice_uids), peak_kib // 1024)
     # About 600 MiB today: torch, the 300 MiB float32 volume and one slice. Stacking the slices
     # or converting through float64 would pass 1 GiB.
     assert peak_mib < 1024
+
+
+def test_metadata_features_read_age_sex_and_view_and_zero_the_unknown():
+    ds = make_dataset(Modality="CR", PatientAge="045Y", PatientSex="F", ViewPosition="AP")
+    features = dict(zip(METADATA_FEATURES, metadata_features(ds), strict=True))
+    assert features == pytest.approx(
+        {
+            "age_years/100": 0.45,
+            "age_known": 1.0,
+            "sex_male": 0.0,
+            "sex_female": 1.0,
+            "view_pa": 0.0,
+            "view_ap": 1.0,
+            "view_lateral": 0.0,
+        }
+    )
+    assert not metadata_features(None).any()
+    assert not metadata_features(make_dataset(PatientAge="", PatientSex="O")).any()

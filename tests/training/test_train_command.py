@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from django.core.management import CommandError, call_command
 
 from inference import services
@@ -22,6 +23,7 @@ from inference.models import InferenceJob, ModelVersion, Prediction
 from inference.pipeline import job_run
 from inference.preprocessing import PreprocessSpec
 from inference.runners import runner_for
+from inference.torchvision_compat import import_torchvision
 from studies import services as studies_services
 from tests.factories import CT_SERIES, DATA, encode, make_dataset
 from tests.training.test_datasets import write_csv
@@ -292,3 +294,48 @@ def test_bad_datasets_get_a_clear_error(tmp_path):
     with pytest.raises(CommandError, match="No model version"):
         call_command("evaluate", "nope:1", str(FULLRES))
     assert not TrainingRun.objects.exists()
+
+
+def test_a_seeded_run_is_reproducible_and_pretrained_weights_stay_frozen_at_first(tmp_path):
+    tv = import_torchvision()
+    pretrained = tv.models.resnet18(weights=None).state_dict()  # 3 channels, 1000 classes
+    torch.save(pretrained, tmp_path / "resnet18.pth")
+    common = ["cxr2d", str(FULLRES), "--size", "32", "--batch-size", "4", "--no-register"]
+    for name in ("a", "b"):
+        call_command(
+            "train", *common, "--epochs", "1", "--output", str(tmp_path / name),
+            "--pretrained", str(tmp_path / "resnet18.pth"), "--freeze-epochs", "1",
+        )  # fmt: skip
+
+    first, second = (
+        torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("a", "b")
+    )
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert torch.equal(first["conv1.weight"], pretrained["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(first["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
+    assert not torch.equal(first["fc.weight"][:2], pretrained["fc.weight"][:2])
+    assert not ModelVersion.objects.exists()
+
+
+def test_search_runs_optuna_trials_then_trains_the_best_and_logs_tensorboard(tmp_path, capsys):
+    output = tmp_path / "run"
+    model = train(
+        "cxr2d", str(FULLRES), "--architecture", "resnet10", "--size", "32", "--search", "2",
+        "--name", "searched", "--version", "1", output=output,
+    )  # fmt: skip
+
+    with (output / "search.csv").open() as handle:
+        trials = list(csv.DictReader(handle))
+    assert [row["trial"] for row in trials] == ["0", "1"]
+    best = max(trials, key=lambda row: float(row["val_roc_auc"]))
+    config = json.loads((output / "model_card.json").read_text())["training"]["config"]
+    assert config["lr"] == pytest.approx(float(best["lr"]))
+    assert config["batch_size"] == int(best["batch_size"])
+    for trial in ("000", "001"):
+        assert (output / "trials" / trial / "split.csv").read_text() == (
+            output / "split.csv"
+        ).read_text()
+    assert ModelVersion.objects.get() == model  # trials are not registered
+    assert TrainingRun.objects.count() == 3
+    assert "Search: 2 trials" in capsys.readouterr().out
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))

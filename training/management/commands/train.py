@@ -15,6 +15,7 @@ from inference.preprocessing import CHEST_CT, CHEST_XRAY, PreprocessSpec
 from training.datasets import DatasetError, load
 from training.engine import FitConfig
 from training.run import PARITY_TOLERANCE, RunOptions, TrainingError, train
+from training.search import search
 
 DEFAULT_ARCHITECTURE = {Task.CXR2D: "resnet18", Task.CT3D: "r3d_18"}
 DEFAULT_SPEC = {Task.CXR2D: CHEST_XRAY, Task.CT3D: CHEST_CT}
@@ -73,6 +74,13 @@ class Command(BaseCommand):
             help="Fuse PatientAge, PatientSex and ViewPosition into the head (cxr2d, DICOM).",
         )
         parser.add_argument("--target-recall", type=float, default=0.95)
+        parser.add_argument(
+            "--search",
+            type=int,
+            default=0,
+            metavar="N",
+            help="First N Optuna trials over lr, weight decay and batch size (needs optuna).",
+        )
         parser.add_argument("--output", type=Path, help="Run folder (default under data dir).")
         parser.add_argument("--no-register", action="store_true")
         parser.add_argument("--activate", action="store_true", help="Activate if registered.")
@@ -86,6 +94,8 @@ class Command(BaseCommand):
             raise CommandError(f"{name} {version} is registered already; give a new --version.")
         if not 0 < options["target_recall"] <= 1:
             raise CommandError("--target-recall must be in (0, 1].")
+        if options["search"] and options["resume"]:
+            raise CommandError("--search starts fresh runs; it cannot --resume.")
         if options["resume"] and not options["resume"].is_file():
             raise CommandError(f"--resume: no such checkpoint: {options['resume']}")
         output = options["output"] or (
@@ -102,39 +112,44 @@ class Command(BaseCommand):
                 from_reviews=options["from_reviews"],
             )
             self.stdout.write(f"{dataset.source}: {len(dataset.samples)} samples {dataset.counts}")
-            run = train(
-                dataset,
-                RunOptions(
-                    task=task,
-                    name=name,
-                    version=version,
-                    architecture=architecture,
-                    output=output,
-                    spec=spec,
-                    fit=FitConfig(
-                        epochs=options["epochs"],
-                        batch_size=options["batch_size"],
-                        lr=options["lr"],
-                        weight_decay=options["weight_decay"],
-                        warmup_epochs=options["warmup_epochs"],
-                        patience=options["patience"],
-                        balance=options["balance"],
-                        freeze_epochs=options["freeze_epochs"],
-                        workers=options["workers"],
-                        precision=options["precision"],
-                    ),
-                    positive=options["positive"],
-                    seed=options["seed"],
-                    split_file=options["split_file"],
-                    target_recall=options["target_recall"],
-                    pretrained=options["pretrained"],
-                    resume=options["resume"],
-                    cache=options["cache"],
-                    letterbox_aspect=options["letterbox_aspect"],
-                    device=options["device"],
-                    register=not options["no_register"],
+            run_options = RunOptions(
+                task=task,
+                name=name,
+                version=version,
+                architecture=architecture,
+                output=output,
+                spec=spec,
+                fit=FitConfig(
+                    epochs=options["epochs"],
+                    batch_size=options["batch_size"],
+                    lr=options["lr"],
+                    weight_decay=options["weight_decay"],
+                    warmup_epochs=options["warmup_epochs"],
+                    patience=options["patience"],
+                    balance=options["balance"],
+                    freeze_epochs=options["freeze_epochs"],
+                    workers=options["workers"],
+                    precision=options["precision"],
                 ),
+                positive=options["positive"],
+                seed=options["seed"],
+                split_file=options["split_file"],
+                target_recall=options["target_recall"],
+                pretrained=options["pretrained"],
+                resume=options["resume"],
+                cache=options["cache"],
+                letterbox_aspect=options["letterbox_aspect"],
+                device=options["device"],
+                register=not options["no_register"],
             )
+            if options["search"] > 0:
+                run_options = search(dataset, run_options, options["search"])
+                self.stdout.write(
+                    f"Search: {options['search']} trials in {output / 'search.csv'}; best "
+                    f"lr {run_options.fit.lr:.3g}, weight decay {run_options.fit.weight_decay:.3g}"
+                    f", batch size {run_options.fit.batch_size}."
+                )
+            run = train(dataset, run_options)
         except (DatasetError, TrainingError, ValueError) as error:
             raise CommandError(str(error)) from error
         test = run.metrics["test"]
