@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -12,10 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 
+from inference.services import SHIPPED_MODELS_DIR
 from studies.listener import VERIFICATION
 from tests.conftest import ROOT, free_port, wait_for
+from tests.factories import CR_JPEG
 
 PASSWORD = "lantern-orbit-sable-58"
 
@@ -81,6 +86,28 @@ def http_status(url: str) -> int | None:
         return None
 
 
+def store(port: int, path: Path) -> int | None:
+    ds = dcmread(path)
+    ae = AE(ae_title="TEST_SCU")
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS_AI")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def predictions(database: Path) -> list[tuple[str, str, str]]:
+    """(status, model name, label) of each prediction the service wrote, read-only."""
+    if not database.exists():
+        return []
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        query = "SELECT status, model_name, label FROM inference_prediction"
+        return list(connection.execute(query))
+
+
 def echo(port: int) -> int | None:
     ae = AE(ae_title="TEST_SCU")
     ae.acse_timeout = ae.network_timeout = 10
@@ -129,6 +156,13 @@ def test_it_starts_every_process_prints_the_addresses_and_stops_them_all_on_sigt
 
         assert http_status(f"http://127.0.0.1:{web_port}/admin/login/") == 200
         assert echo(dicom_port) == 0x0000
+        # Out of the box, the shipped model classifies a radiograph the PACS sends.
+        assert store(dicom_port, CR_JPEG) == 0x0000
+        database = tmp_path / "data" / "pacs_ai.sqlite3"
+        ((status, model_name, label),) = wait_for(lambda: predictions(database), timeout=120)
+        (card,) = (json.loads(p.read_text()) for p in SHIPPED_MODELS_DIR.glob("*/model_card.json"))
+        assert (status, model_name) == ("analysed", card["name"])
+        assert label in card["classes"]
         output = log()
         assert f"http://127.0.0.1:{web_port}/admin/" in output
         assert f"AE title PACS_AI, host 127.0.0.1, port {dicom_port}" in output

@@ -67,9 +67,13 @@ def job_status(job_id: int) -> str | None:
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed")
 def test_a_ct_series_and_a_radiograph_sent_by_storescu_get_predictions_with_heatmaps(
-    listener, default_routing, register_model, celery_worker
+    listener, default_routing, register_model, celery_worker, tmp_path
 ):
     models = {task: register_model(task) for task in ("cxr2d", "ct3d")}
+    # The inference worker loaded torch and ONNX Runtime before its pool forked.
+    wait_for(
+        lambda: "inference stack preloaded" in (tmp_path / "worker.log").read_text(), timeout=30
+    )
 
     storescu(listener, *sorted(CT_SERIES.glob("*.dcm")))
     storescu(listener, "-xy", CR_JPEG)  # JPEG baseline, proposed as it is stored
