@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from django.utils import timezone
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from inference.models import ModelVersion, Task
+from inference.models import Task
 from inference.networks import build_model, export_onnx, onnx_max_abs_diff
 from inference.preprocessing import METADATA_FEATURES, PreprocessSpec
 from inference.services import model_version_register, sha256_of
@@ -45,14 +44,14 @@ from training.datasets import (
     split_write,
     stratified_split,
 )
-from training.metrics import Evaluation, decide, evaluate, threshold_for_recall
+from training.evaluation import NOT_FOR_DIAGNOSTIC_USE, write_evaluation, write_json
+from training.metrics import Evaluation, evaluate, threshold_for_recall
 from training.models import TrainingRun
 
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 DEFAULT_POSITIVES = {Task.CXR2D: ("PNEUMONIA", "Lung Opacity"), Task.CT3D: ("pathology",)}
-NOT_FOR_DIAGNOSTIC_USE = "Research and evaluation only. AI result, not for diagnostic use."
 
 
 class TrainingError(RuntimeError):
@@ -113,7 +112,7 @@ def train(dataset: LabelledSet, options: RunOptions) -> TrainingRun:
         "split": split_method,
         "counts": {side: _counts(split[side], classes) for side in SPLITS},
     }
-    _write_json(out / "dataset.json", summary)
+    write_json(out / "dataset.json", summary)
     config = {**asdict(options), "spec": options.spec.to_dict()}
     run = TrainingRun.objects.create(
         name=options.name,
@@ -223,7 +222,7 @@ def _train(
     write_evaluation(results, classes, out)
     parity = _export(model, data["test"], out, options.architecture)
     card = _model_card(run, options, classes, positive, threshold, results, parity, trainer)
-    _write_json(out / "model_card.json", card)
+    write_json(out / "model_card.json", card)
     metrics = {side: {**r.metrics, "confusion": r.confusion} for side, r in results.items()}
     if options.register:
         run.model_version = model_version_register(
@@ -247,83 +246,6 @@ def _train(
 
 
 _EPOCH_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
-
-
-def write_evaluation(results: dict[str, Evaluation], classes: list[str], out: Path) -> None:
-    """metrics.json, report.txt, a confusion matrix per part and the ROC/PR curves."""
-    for side, result in results.items():
-        plots.confusion_matrix(result, classes, side, out / f"confusion_{side}.png")
-    plots.roc_pr_curves(results, out / "roc_pr.png")
-    _write_json(
-        out / "metrics.json",
-        {
-            side: {**r.metrics, "classes": classes, "confusion": r.confusion}
-            for side, r in results.items()
-        },
-    )
-    (out / "report.txt").write_text(
-        "\n\n".join(classification_report(r, classes, side) for side, r in results.items()) + "\n",
-        encoding="utf-8",
-    )
-
-
-def evaluate_model(
-    model_version: ModelVersion,
-    dataset: LabelledSet,
-    spec: PreprocessSpec,
-    out: Path,
-    *,
-    threshold: float | None = None,
-    batch_size: int = 32,
-) -> Evaluation:
-    """Run the registered ONNX model on ``dataset``; the files of :func:`write_evaluation`
-    and ``predictions.csv`` (one row per sample) in ``out``."""
-    from inference.runners import runner_for
-
-    runner = runner_for(model_version=model_version)
-    classes = list(model_version.class_labels)
-    data = SampleDataset(dataset.samples, classes, spec)
-    logits = []
-    for start in tqdm(range(0, len(data), batch_size), desc="evaluate", unit="batch"):
-        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        metadata = np.stack([item[1].numpy() for item in items]) if spec.metadata else None
-        logits.append(runner.logits(np.stack([item[0].numpy() for item in items]), metadata))
-    probabilities = torch.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
-    targets = np.asarray(data.targets())
-    positive = classes.index(model_version.positive_label)
-    chosen = model_version.threshold if threshold is None else threshold
-    result = evaluate(probabilities, targets, positive=positive, threshold=chosen)
-    out.mkdir(parents=True, exist_ok=True)
-    write_evaluation({"evaluation": result}, classes, out)
-    predicted = decide(probabilities, positive, chosen)
-    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
-        rows = csv.writer(handle)
-        rows.writerow(["key", "label", "predicted", f"p_{model_version.positive_label}"])
-        for sample, label, p in zip(dataset.samples, predicted, probabilities, strict=True):
-            rows.writerow([sample.key, sample.label, classes[label], f"{p[positive]:.6f}"])
-    return result
-
-
-def classification_report(result: Evaluation, classes: list[str], title: str) -> str:
-    """Per-class precision, recall, F1 and support, then the summary metrics."""
-    matrix = np.asarray(result.confusion)
-    lines = [
-        f"{title}: {NOT_FOR_DIAGNOSTIC_USE}",
-        f"{'class':<32}precision  recall      f1  support",
-    ]
-    for index, label in enumerate(classes):
-        tp = matrix[index, index]
-        precision = tp / matrix[:, index].sum() if matrix[:, index].sum() else 0.0
-        recall = tp / matrix[index].sum() if matrix[index].sum() else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        lines.append(f"{label:<32}{precision:9.3f}{recall:8.3f}{f1:8.3f}{matrix[index].sum():9d}")
-    lines.append("")
-    lines += [
-        f"{key:<12}{value:.4f}" if isinstance(value, float) else f"{key:<12}{value}"
-        for key, value in result.metrics.items()
-    ]
-    lines.append("confusion (rows true, columns predicted): " + json.dumps(result.confusion))
-    return "\n".join(lines)
 
 
 def _export(model: torch.nn.Module, test: SampleDataset, out: Path, architecture: str) -> float:
@@ -430,7 +352,3 @@ def _tensorboard(folder: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(folder))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from inference.models import ModelVersion
 from inference.preprocessing import PreprocessSpec
 from training.datasets import DatasetError, load
-from training.run import evaluate_model
+from training.evaluation import evaluate_model
 
 
 class Command(BaseCommand):
