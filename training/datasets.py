@@ -254,13 +254,12 @@ def stratified_split(
     for label in sorted(by_class):
         names = by_class[label]
         rng.shuffle(names)
-        # Every part gets at least one group of a class that has three or more.
-        held_out = [
-            max(1, round(len(names) * f)) if len(names) >= 3 else 0
-            for f in (fractions[1], 1 - sum(fractions))
-        ]
-        train_end = len(names) - sum(held_out)
-        val_end = train_end + held_out[0]
+        train_end = round(len(names) * fractions[0])
+        val_size = round(len(names) * fractions[1])
+        if len(names) >= 3:  # every part gets at least one group of the class
+            val_size = max(1, val_size)
+            train_end = min(train_end, len(names) - val_size - 1)
+        val_end = train_end + val_size
         for index, group in enumerate(names):
             side = "train" if index < train_end else "val" if index < val_end else "test"
             split[side].extend(groups[group])

@@ -8,7 +8,9 @@ PR-AUC rank by the positive class's probability.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -29,19 +31,40 @@ def decide(probabilities: Probabilities, positive: int, threshold: float) -> Lab
 
 
 def threshold_for_recall(
-    probabilities: Probabilities, targets: Labels, positive: int, recall: float
+    probabilities: Probabilities,
+    targets: Labels,
+    positive: int,
+    recall: float,
+    *,
+    confidence: float = 0.0,
 ) -> float:
-    """The highest threshold whose recall of the positive class is at least ``recall``.
+    """The highest threshold at which the positive class's recall reaches ``recall``.
 
-    The most specific operating point that still finds the wanted share of positives. With no
-    positive case, 0.5.
+    With ``confidence`` (e.g. 0.95) it is the one-sided lower confidence bound of the recall
+    (Wilson score interval over the positives) that must reach ``recall``, not the observed
+    recall: an operating point that holds on new patients, not only on this sample. Where no
+    threshold is good enough, the one that finds every positive. With no positive case, 0.5.
     """
     scores = probabilities[:, positive]
     positives = np.sort(scores[targets == positive])[::-1]
-    if positives.size == 0:
+    total = positives.size
+    if total == 0:
         return 0.5
-    needed = int(np.ceil(recall * positives.size))
-    return float(positives[max(needed, 1) - 1])
+    for found in range(1, total + 1):
+        if recall_lower_bound(found, total, confidence) >= recall:
+            return float(positives[found - 1])
+    return float(positives[-1])
+
+
+def recall_lower_bound(found: int, total: int, confidence: float) -> float:
+    """The Wilson lower bound of ``found / total`` at one-sided ``confidence`` (0: the ratio)."""
+    share = found / total
+    if confidence <= 0:
+        return share
+    z = NormalDist().inv_cdf(confidence)
+    centre = share + z * z / (2 * total)
+    spread = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total))
+    return (centre - spread) / (1 + z * z / total)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class RunOptions:
     seed: int = 42
     split_file: Path | None = None
     target_recall: float = 0.95
+    recall_confidence: float = 0.95
     pretrained: Path | None = None
     resume: Path | None = None
     cache: bool = False
@@ -98,9 +99,18 @@ def train(dataset: LabelledSet, options: RunOptions) -> TrainingRun:
     )
     out = options.output
     out.mkdir(parents=True, exist_ok=True)
-    if options.split_file:
-        split = split_read(dataset.samples, options.split_file)
-        split_method = f"split file {options.split_file}"
+    # A resumed run keeps the split it was trained on: a new one could test on training images.
+    resumed_split = options.resume.parent / "split.csv" if options.resume else None
+    split_file = options.split_file or (
+        resumed_split if resumed_split and resumed_split.is_file() else None
+    )
+    if split_file == resumed_split and split_file is not None:
+        split = split_read(dataset.samples, split_file)
+        previous = json.loads((split_file.parent / "dataset.json").read_text(encoding="utf-8"))
+        split_method = previous["split"]
+    elif split_file:
+        split = split_read(dataset.samples, split_file)
+        split_method = f"split file {split_file}"
     else:
         split = stratified_split(dataset.samples, seed=options.seed)
         split_method = f"stratified 70/15/15 by patient group, seed {options.seed}"
@@ -207,7 +217,11 @@ def _train(
     cpu = torch.device("cpu")
     val_probabilities, val_targets, _ = engine.predict(model, evaluation_loaders["val"], cpu)
     threshold = threshold_for_recall(
-        val_probabilities, val_targets, positive_index, options.target_recall
+        val_probabilities,
+        val_targets,
+        positive_index,
+        options.target_recall,
+        confidence=options.recall_confidence,
     )
     results = {
         "val": evaluate(
@@ -292,7 +306,15 @@ def _model_card(
         "preprocessing": options.spec.to_dict(),
         "threshold": {
             "value": threshold,
-            "chosen": f"highest threshold with validation recall >= {options.target_recall}",
+            "chosen": (
+                f"highest threshold whose validation recall reaches {options.target_recall}"
+                + (
+                    f" with {options.recall_confidence:.0%} confidence (one-sided Wilson lower "
+                    "bound)"
+                    if options.recall_confidence > 0
+                    else ""
+                )
+            ),
         },
         "metrics": {side: {**r.metrics, "confusion": r.confusion} for side, r in results.items()},
         "training": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.metrics import decide, evaluate, threshold_for_recall
+from training.metrics import decide, evaluate, recall_lower_bound, threshold_for_recall
 
 
 def binary(p_positive: list[float]) -> np.ndarray:
@@ -25,6 +25,28 @@ def test_the_threshold_is_the_most_specific_that_reaches_the_recall():
     assert threshold_for_recall(probabilities, targets, 1, recall=0.75) == pytest.approx(0.4)
     assert threshold_for_recall(probabilities, targets, 1, recall=1.0) == pytest.approx(0.2)
     assert threshold_for_recall(probabilities, np.zeros(6, int), 1, recall=0.95) == 0.5
+
+
+def test_with_confidence_the_threshold_leaves_room_for_sampling_noise():
+    rng = np.random.default_rng(0)
+    targets = np.asarray([1] * 500 + [0] * 500)
+    probabilities = binary(rng.uniform(size=1000).tolist())
+    observed = threshold_for_recall(probabilities, targets, 1, recall=0.95)
+    cautious = threshold_for_recall(probabilities, targets, 1, recall=0.95, confidence=0.95)
+    assert cautious < observed
+    positives = probabilities[targets == 1, 1]
+    found = int(np.sum(positives >= cautious))
+    assert recall_lower_bound(found, 500, 0.95) >= 0.95 > recall_lower_bound(found - 1, 500, 0.95)
+    # Too few positives to be confident: every positive is found.
+    assert threshold_for_recall(
+        binary([0.9, 0.8, 0.1]), np.asarray([1, 1, 0]), 1, 0.95, confidence=0.95
+    ) == pytest.approx(0.8)
+
+
+def test_the_wilson_bound_matches_a_known_value():
+    # 95 of 100 at one-sided 95 %: Wilson lower bound 0.9008 (z = 1.6449, worked by hand).
+    assert recall_lower_bound(95, 100, 0.95) == pytest.approx(0.9008, abs=1e-4)
+    assert recall_lower_bound(95, 100, 0.0) == 0.95
 
 
 def test_metrics_match_a_hand_count():

@@ -75,6 +75,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--target-recall", type=float, default=0.95)
         parser.add_argument(
+            "--recall-confidence",
+            type=float,
+            default=0.95,
+            help="Confidence that the threshold's recall reaches the target (0: as observed).",
+        )
+        parser.add_argument(
             "--search",
             type=int,
             default=0,
@@ -94,6 +100,8 @@ class Command(BaseCommand):
             raise CommandError(f"{name} {version} is registered already; give a new --version.")
         if not 0 < options["target_recall"] <= 1:
             raise CommandError("--target-recall must be in (0, 1].")
+        if not 0 <= options["recall_confidence"] < 1:
+            raise CommandError("--recall-confidence must be in [0, 1).")
         if options["search"] and options["resume"]:
             raise CommandError("--search starts fresh runs; it cannot --resume.")
         if options["resume"] and not options["resume"].is_file():
@@ -135,6 +143,7 @@ class Command(BaseCommand):
                 seed=options["seed"],
                 split_file=options["split_file"],
                 target_recall=options["target_recall"],
+                recall_confidence=options["recall_confidence"],
                 pretrained=options["pretrained"],
                 resume=options["resume"],
                 cache=options["cache"],
