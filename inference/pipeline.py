@@ -103,11 +103,11 @@ class Ensemble:
         total = sum(member.ensemble_weight for member in self.members)
         mixed = np.zeros((len(batch), len(self.lead.class_labels)), np.float32)
         for member in self.members:
-            fused = metadata if uses_metadata(member) else None
-            if uses_metadata(member) and metadata is None:
+            fused = uses_metadata(member)
+            if fused and metadata is None:
                 raise ValueError(f"{member.name} {member.version} needs the images' metadata")
             runner = runner_for(model_version=member, kind=self.runner)
-            logits = runner.logits(batch, fused)
+            logits = runner.logits(batch, metadata if fused else None)
             mixed += _softmax(logits) * np.float32(member.ensemble_weight / total)
         return mixed
 

@@ -163,12 +163,16 @@ def radiograph_from_dataset(ds: Dataset, spec: PreprocessSpec) -> Array:
     return _fit(unit, spec)
 
 
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file is DICOM Part 10 ("DICM" after the 128-byte preamble)."""
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
 def radiograph_from_file(path: str | os.PathLike[str], spec: PreprocessSpec) -> Array:
     """The model input ``[1, H, W]`` for a DICOM file (told by its content) or a Pillow image."""
     _require_dims(spec, 2)
-    with open(path, "rb") as file:
-        is_dicom = file.read(132)[128:] == b"DICM"
-    if is_dicom:
+    if is_dicom_file(path):
         return radiograph_from_dataset(dcmread(path), spec)
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)

@@ -305,9 +305,8 @@ def sample_input(sample: Sample, spec: PreprocessSpec) -> np.ndarray:
 def sample_metadata(sample: Sample) -> np.ndarray:
     """A radiograph's metadata features (zeros for JPEG/PNG, which have no DICOM header)."""
     source = sample.path or sample.files[0]
-    with open(source, "rb") as handle:
-        is_dicom = handle.read(132)[128:] == b"DICM"
-    header = dcmread(source, stop_before_pixels=True) if is_dicom else None
+    dicom = preprocessing.is_dicom_file(source)
+    header = dcmread(source, stop_before_pixels=True) if dicom else None
     return preprocessing.metadata_features(header)
 
 

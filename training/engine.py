@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
-from inference.networks import MetadataFusion, input_dims
+from inference.networks import MetadataFusion
 from inference.preprocessing import PreprocessSpec
 from inference.torchvision_compat import import_torchvision
 
@@ -231,13 +231,11 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        architecture: str,
         config: FitConfig,
         device: torch.device,
         steps_per_epoch: int,
         loss_weights: torch.Tensor | None,
     ) -> None:
-        input_dims(architecture)
         self.model = model.to(device)
         self.config, self.device = config, device
         self.precision = resolve_precision(config.precision, device)
@@ -274,10 +272,6 @@ class Trainer:
             total += float(loss.detach()) * len(targets)
             count += len(targets)
         return total / max(count, 1)
-
-    def predict(self, loader: DataLoader[Any]) -> tuple[np.ndarray, np.ndarray, float]:
-        """Softmax probabilities, targets and the mean loss (unweighted) over ``loader``."""
-        return predict(self.model, loader, self.device, self.precision)
 
     def record(self, entry: dict[str, Any], score: float) -> bool:
         """Add an epoch's metrics; True when ``score`` is the best so far."""

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from inference.models import ModelVersion
@@ -42,25 +41,28 @@ def write_evaluation(results: dict[str, Evaluation], classes: list[str], out: Pa
 def evaluate_model(
     model_version: ModelVersion,
     dataset: LabelledSet,
-    spec: PreprocessSpec,
     out: Path,
     *,
     threshold: float | None = None,
     batch_size: int = 32,
 ) -> Evaluation:
-    """Run the registered ONNX model on ``dataset``; the files of :func:`write_evaluation`
-    and ``predictions.csv`` (one row per sample) in ``out``."""
-    from inference.runners import runner_for
+    """Run the registered model on ``dataset`` as the worker does (its ONNX file, through
+    :class:`inference.pipeline.Ensemble`); the files of :func:`write_evaluation` and
+    ``predictions.csv`` (one row per sample) in ``out``."""
+    from inference.pipeline import Ensemble
 
-    runner = runner_for(model_version=model_version)
+    ensemble = Ensemble(members=[model_version], runner="onnx")
+    spec = PreprocessSpec.from_dict(model_version.preprocessing)
     classes = list(model_version.class_labels)
     data = SampleDataset(dataset.samples, classes, spec)
-    logits = []
+    parts = []
     for start in tqdm(range(0, len(data), batch_size), desc="evaluate", unit="batch"):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         metadata = np.stack([item[1].numpy() for item in items]) if spec.metadata else None
-        logits.append(runner.logits(np.stack([item[0].numpy() for item in items]), metadata))
-    probabilities = torch.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
+        parts.append(
+            ensemble.probabilities(np.stack([item[0].numpy() for item in items]), metadata)
+        )
+    probabilities = np.concatenate(parts)
     targets = np.asarray(data.targets())
     positive = classes.index(model_version.positive_label)
     chosen = model_version.threshold if threshold is None else threshold

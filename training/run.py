@@ -104,13 +104,13 @@ def train(dataset: LabelledSet, options: RunOptions) -> TrainingRun:
     split_file = options.split_file or (
         resumed_split if resumed_split and resumed_split.is_file() else None
     )
-    if split_file == resumed_split and split_file is not None:
+    if split_file:
         split = split_read(dataset.samples, split_file)
-        previous = json.loads((split_file.parent / "dataset.json").read_text(encoding="utf-8"))
-        split_method = previous["split"]
-    elif split_file:
-        split = split_read(dataset.samples, split_file)
-        split_method = f"split file {split_file}"
+        split_method = (
+            json.loads((split_file.parent / "dataset.json").read_text(encoding="utf-8"))["split"]
+            if split_file == resumed_split
+            else f"split file {split_file}"
+        )
     else:
         split = stratified_split(dataset.samples, seed=options.seed)
         split_method = f"stratified 70/15/15 by patient group, seed {options.seed}"
@@ -177,7 +177,7 @@ def _train(
         skipped = engine.load_pretrained(model, options.pretrained)
         logger.info("pretrained weights loaded; not taken: %s", ", ".join(skipped) or "none")
     weights = engine.class_weights(targets, len(classes)) if fit.balance == "weights" else None
-    trainer = engine.Trainer(model, options.architecture, fit, device, len(loader), weights)
+    trainer = engine.Trainer(model, fit, device, len(loader), weights)
     start = trainer.resume(options.resume) + 1 if options.resume else 1
     writer = _tensorboard(out / "tensorboard")
     positive_index = classes.index(positive)
@@ -185,7 +185,9 @@ def _train(
     for epoch in epochs:
         began = time.monotonic()
         train_loss = trainer.train_epoch(loader, epoch)
-        probabilities, val_targets, val_loss = trainer.predict(evaluation_loaders["val"])
+        probabilities, val_targets, val_loss = engine.predict(
+            trainer.model, evaluation_loaders["val"], device, trainer.precision
+        )
         val = evaluate(probabilities, val_targets, positive=positive_index, threshold=0.5).metrics
         entry = {
             "epoch": epoch,

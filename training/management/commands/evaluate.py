@@ -10,7 +10,6 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from inference.models import ModelVersion
-from inference.preprocessing import PreprocessSpec
 from training.datasets import DatasetError, load
 from training.evaluation import evaluate_model
 
@@ -31,7 +30,6 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         model_version = _model_version(options["model"])
-        spec = PreprocessSpec.from_dict(model_version.preprocessing)
         output = options["output"] or Path(settings.PACS_AI_DATA_DIR) / "evaluations" / (
             f"{model_version.name}-{model_version.version}"
         )
@@ -44,9 +42,7 @@ class Command(BaseCommand):
                 raise DatasetError(
                     f"labels {unknown} are not the model's classes {model_version.class_labels}"
                 )
-            result = evaluate_model(
-                model_version, dataset, spec, output, threshold=options["threshold"]
-            )
+            result = evaluate_model(model_version, dataset, output, threshold=options["threshold"])
         except (DatasetError, ValueError) as error:
             raise CommandError(str(error)) from error
         self.stdout.write(f"{dataset.source}: {len(dataset.samples)} samples {dataset.counts}")

@@ -10,15 +10,15 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from inference.management.commands.activate_model import activate, describe_activation
+from inference.management.commands.register_model import DEFAULT_PREPROCESSING
 from inference.models import ModelVersion, Task
-from inference.preprocessing import CHEST_CT, CHEST_XRAY, PreprocessSpec
+from inference.preprocessing import PreprocessSpec
 from training.datasets import DatasetError, load
 from training.engine import FitConfig
 from training.run import PARITY_TOLERANCE, RunOptions, TrainingError, train
 from training.search import search
 
 DEFAULT_ARCHITECTURE = {Task.CXR2D: "resnet18", Task.CT3D: "r3d_18"}
-DEFAULT_SPEC = {Task.CXR2D: CHEST_XRAY, Task.CT3D: CHEST_CT}
 
 
 class Command(BaseCommand):
@@ -191,7 +191,7 @@ class Command(BaseCommand):
 
 def _spec(task: Task, size: str | None, *, metadata: bool) -> PreprocessSpec:
     """The task's standard spec, with ``size`` (one number: a square or cube) if given."""
-    spec = DEFAULT_SPEC[task].to_dict()
+    spec = DEFAULT_PREPROCESSING[task].to_dict()
     if size is not None:
         try:
             values = [int(part) for part in size.split(",")]
