@@ -1,32 +1,54 @@
-"""The DICOM listener: a C-ECHO and C-STORE SCP (pynetdicom).
+"""The DICOM listener: a C-ECHO and C-STORE SCP.
 
-The event handlers only unpack the event and call services; they return DICOM statuses and never
-raise into pynetdicom. ``manage.py dicom_listener`` runs ``serve``; tests call it with
-``block=False`` on a free port.
+One thread per association. Each C-STORE's data set is streamed from the socket into a file
+under the storage's incoming folder as it arrives; once the last fragment is in, the file is
+flushed to disk, checked, moved into place and indexed (``services.instance_store_received``),
+and only then does the peer get its status. pynetdicom negotiates the association and encodes
+the PDUs and DIMSE responses (``studies.upper_layer``). ``manage.py dicom_listener`` runs
+``serve``; tests call it with ``block=False`` on a free port.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import logging
+import signal
+import socket
+import socketserver
 import ssl
+import struct
 import threading
-import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
-from pydicom import Dataset
 from pydicom import uid as uids
-from pynetdicom import AE, evt
-from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
-from studies import selectors, services
+from studies import selectors, services, storage
 from studies.models import AssociationLog
+from studies.upper_layer import (
+    A_ABORT_TYPE,
+    A_RELEASE_RQ_TYPE,
+    APPLICATION_CONTEXT_NAME,
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    INVALID_PARAMETER,
+    MAX_COMMAND_BYTES,
+    P_DATA_TF_TYPE,
+    UNEXPECTED_PDU,
+    Command,
+    Connection,
+    PeerGone,
+    ProtocolError,
+    parse_command,
+    part10_header,
+    response_pdus,
+)
 
-# pynetdicom's sop_class module is dynamic; pydicom's uid module names the storage UIDs, typed.
 VERIFICATION = "1.2.840.10008.1.1"
 
 logger = logging.getLogger(__name__)
@@ -45,7 +67,7 @@ STORAGE_SOP_CLASSES = [
     uids.MultiFrameTrueColorSecondaryCaptureImageStorage,
 ]
 # Everything a PACS commonly sends. Files are stored exactly as received: never transcoded.
-TRANSFER_SYNTAXES = [
+TRANSFER_SYNTAXES: list[str | uids.UID] = [
     uids.ExplicitVRLittleEndian,
     uids.ImplicitVRLittleEndian,
     uids.DeflatedExplicitVRLittleEndian,
@@ -63,136 +85,384 @@ TRANSFER_SYNTAXES = [
     uids.RLELossless,
 ]
 
-# A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised.
+# Seconds to wait for the A-ASSOCIATE-RQ (PS3.8's ARTIM timer), then for each read after it.
+ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
+NETWORK_TIMEOUT_S = 60.0
+# Incoming files older than this at start-up belong to a process that died mid-transfer.
+STALE_INCOMING_S = 3600.0
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-
-
-@dataclass
-class _Tally:
-    started_at: dt.datetime = field(default_factory=timezone.now)
-    stored: int = 0
-    failed: int = 0
-    detail: str = ""
+_REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
 class Listener:
-    """One running SCP; keeps a tally per association for the AssociationLog."""
+    """The SCP: what it accepts, and how many associations it serves at once."""
 
     def __init__(self) -> None:
-        self._tallies: weakref.WeakKeyDictionary[Any, _Tally] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-        self.ae = AE(ae_title=settings.DICOM_AE_TITLE)
-        self.ae.maximum_associations = settings.DICOM_MAX_ASSOCIATIONS
-        self.ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs
-        self.ae.add_supported_context(VERIFICATION)
-        for sop_class in STORAGE_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self.handlers: list[EventHandlerType] = [
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_association_end),
-            (evt.EVT_ABORTED, self._on_association_end),
-            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
+        self.contexts = [build_context(VERIFICATION)] + [
+            build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES
         ]
+        self._lock = threading.Lock()
+        self._active = 0
+        self._sockets: set[socket.socket] = set()
 
-    def _tally(self, assoc: Any) -> _Tally:
+    def serve(
+        self, *, host: str, port: int, block: bool = True, ssl_context: ssl.SSLContext | None = None
+    ) -> Server:
+        """Start the SCP. With ``block=False`` returns the running server (call ``shutdown()``);
+        otherwise serves until SIGINT or SIGTERM, then aborts the open associations."""
+        removed = storage.remove_stale_incoming(older_than_s=STALE_INCOMING_S)
+        if removed:
+            logger.warning("removed %d incoming files left by an interrupted transfer", removed)
+        server = Server((host, port), self, ssl_context)
+        thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+        thread.start()
+        if block:
+            stop = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            stop.wait()
+            server.shutdown()
+        return server
+
+    def handle(
+        self, sock: socket.socket, address: tuple[str, int], tls: ssl.SSLContext | None
+    ) -> None:
+        """Serve one connection, from the TLS handshake (if any) to the association's end."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(ASSOCIATION_REQUEST_TIMEOUT_S)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", address[0], exc)
+                return
         with self._lock:
-            return self._tallies.setdefault(assoc, _Tally())
+            self._sockets.add(sock)
+        try:
+            _Association(self, Connection(sock), address[0]).run()
+        finally:
+            with self._lock:
+                self._sockets.discard(sock)
+            sock.close()
 
-    def _on_requested(self, event: Any) -> None:
-        assoc = event.assoc
-        self._tally(assoc)
-        calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
+    def try_reserve(self) -> bool:
+        """Count one more association, unless ``DICOM_MAX_ASSOCIATIONS`` are already open."""
+        with self._lock:
+            if self._active >= settings.DICOM_MAX_ASSOCIATIONS:
+                return False
+            self._active += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def abort_all(self) -> None:
+        """Cut every open connection: their transfers were not acknowledged and will be resent."""
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    block_on_close = True  # server_close() waits for the association threads
+
+    def __init__(
+        self, address: tuple[str, int], listener: Listener, tls: ssl.SSLContext | None
+    ) -> None:
+        self.listener = listener
+        self.tls = tls
+        super().__init__(address, socketserver.BaseRequestHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.listener.handle(request, client_address, self.tls)
+
+    def shutdown(self) -> None:
+        """Stop accepting, abort the open associations and wait for their threads."""
+        super().shutdown()
+        self.listener.abort_all()
+        self.server_close()
+
+
+class _Association:
+    """One association, as the acceptor: negotiate, then serve until release or abort."""
+
+    def __init__(self, listener: Listener, conn: Connection, peer_ip: str) -> None:
+        self.listener = listener
+        self.conn = conn
+        self.peer_ip = peer_ip
+        self.started_at = timezone.now()
+        self.calling_ae = ""
+        self.stored = self.failed = 0
+        self.contexts: dict[int, PresentationContext] = {}
+        self.peer_max_pdu = 0
+        self.command = bytearray()
+        self.store: _IncomingStore | None = None
+
+    def run(self) -> None:
+        try:
+            request = self.conn.read_association_request()
+        except ProtocolError as exc:
+            self.conn.send_abort(exc.reason)
+            logger.warning("aborted a connection from %s: %s", self.peer_ip, exc)
+            return
+        except PeerGone as exc:
+            logger.info("connection from %s ended before an association: %s", self.peer_ip, exc)
+            return
+        self.calling_ae = request.calling_ae_title.strip()
+        rejection = self._rejection(request)
+        if rejection:
+            self._log(AssociationLog.Outcome.REJECTED, rejection)
+            return
+        try:
+            self._accept(request)
+            self._serve()
+            outcome, detail = AssociationLog.Outcome.RELEASED, ""
+        except ProtocolError as exc:
+            self.conn.send_abort(exc.reason)
+            logger.warning("aborted the association from %s: %s", self.calling_ae, exc)
+            outcome, detail = AssociationLog.Outcome.ABORTED, str(exc)
+        except PeerGone as exc:
+            outcome, detail = AssociationLog.Outcome.ABORTED, str(exc)
+        finally:
+            self.listener.release()
+            if self.store is not None:
+                self.store.discard()
+        self._log(outcome, detail)
+
+    def _rejection(self, request: A_ASSOCIATE) -> str:
+        """Send an A-ASSOCIATE-RJ and return why, or reserve a place and return ''."""
+        if request.application_context_name != APPLICATION_CONTEXT_NAME:
+            reason, detail = _REJECT_APPLICATION_CONTEXT, "application context not supported"
+        elif not self._caller_allowed():
+            reason, detail = _REJECT_CALLING_AE, "calling AE title not recognised"
+        elif not self.listener.try_reserve():
+            reason, detail = _REJECT_LOCAL_LIMIT, "too many associations"
+        else:
+            return ""
+        logger.warning(
+            "rejected association from %r at %s: %s", self.calling_ae, self.peer_ip, detail
+        )
+        with contextlib.suppress(OSError):
+            self.conn.reject(*reason)
+        return detail
+
+    def _caller_allowed(self) -> bool:
         try:
             close_old_connections()
-            allowed = selectors.calling_ae_allowed(ae_title=calling_ae, ip=assoc.requestor.address)
+            return selectors.calling_ae_allowed(ae_title=self.calling_ae, ip=self.peer_ip)
         except DatabaseError:
             logger.exception("cannot check the calling AE: database unavailable")
-            allowed = False
-        if not allowed:
-            logger.warning(
-                "rejected association from unknown calling AE %r at %s",
-                calling_ae,
-                assoc.requestor.address,
+            return False
+
+    def _accept(self, request: A_ASSOCIATE) -> None:
+        results, _ = negotiate_as_acceptor(
+            request.presentation_context_definition_list, self.listener.contexts
+        )
+        self.contexts = {int(cx.context_id or 0): cx for cx in results if cx.result == 0x00}
+        for item in request.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = item.maximum_length_received or 0
+        self.conn.accept(request, results)
+        self.conn.sock.settimeout(NETWORK_TIMEOUT_S)
+
+    def _serve(self) -> None:
+        while True:
+            pdu_type, length = self.conn.read_pdu_header()
+            if pdu_type == P_DATA_TF_TYPE:
+                self._p_data(length)
+            elif pdu_type == A_RELEASE_RQ_TYPE:
+                self.conn.read_exact(length)
+                if self.command or self.store is not None:
+                    raise ProtocolError(UNEXPECTED_PDU, "release requested within a message")
+                self.conn.send_release_response()
+                return
+            elif pdu_type == A_ABORT_TYPE:
+                raise PeerGone("aborted by the peer")
+            else:
+                raise ProtocolError(UNEXPECTED_PDU, f"unexpected PDU type {pdu_type}")
+
+    def _p_data(self, length: int) -> None:
+        """Read one P-DATA-TF PDU: its items carry command or data set fragments."""
+        while length:
+            if length < 6:
+                raise ProtocolError(INVALID_PARAMETER, "P-DATA-TF item truncated")
+            item_length, context_id, control = struct.unpack(">LBB", self.conn.read_exact(6))
+            length -= 4 + item_length
+            if item_length < 2 or length < 0:
+                raise ProtocolError(INVALID_PARAMETER, "P-DATA-TF item length out of bounds")
+            if context_id not in self.contexts:
+                raise ProtocolError(INVALID_PARAMETER, "presentation context not accepted")
+            size, last = item_length - 2, bool(control & 0x02)
+            if control & 0x01:
+                if self.store is not None or len(self.command) + size > MAX_COMMAND_BYTES:
+                    raise ProtocolError(INVALID_PARAMETER, "unexpected or oversized command")
+                self.command += self.conn.read_exact(size)
+                if last:
+                    command, self.command = bytes(self.command), bytearray()
+                    self._on_command(context_id, command)
+            else:
+                store = self.store
+                if store is None or store.context_id != context_id:
+                    raise ProtocolError(INVALID_PARAMETER, "data set without its command")
+                self.conn.stream(size, store.write)
+                if last:
+                    self.store = None
+                    self._on_store(store)
+
+    def _on_command(self, context_id: int, encoded: bytes) -> None:
+        command = parse_command(encoded)
+        if command.field == C_ECHO_RQ:
+            self._respond(context_id, command, None)
+        elif command.field == C_STORE_RQ and command.has_data_set:
+            self.store = _IncomingStore(
+                context_id=context_id,
+                command=command,
+                transfer_syntax=self.contexts[context_id].transfer_syntax[0],
+                calling_ae=self.calling_ae,
             )
-            self._tally(assoc).detail = "calling AE title not recognised"
-            assoc.acse.send_reject(*_REJECT_CALLING_AE)
-            assoc.kill()  # waits until the A-ASSOCIATE-RJ is out before the socket closes
-            connection.close()  # no release or abort event follows a rejection
+        elif command.field == C_STORE_RQ:
+            self.failed += 1
+            refusal = services.StoreRefused(services.STATUS_CANNOT_DECODE, "no data set")
+            self._respond(context_id, command, refusal)
+        elif command.field != C_CANCEL_RQ:
+            raise ProtocolError(UNEXPECTED_PDU, f"unsupported DIMSE command 0x{command.field:04X}")
 
-    def _on_store(self, event: Any) -> Dataset | int:
-        tally = self._tally(event.assoc)
-        calling_ae = event.assoc.requestor.ae_title.strip()
-        try:
-            # The association's thread keeps its database connection until the association
-            # ends: opening one per instance (and on SQLite checkpointing the WAL each time the
-            # last one closed) cost more than indexing the instance. After a database error,
-            # Django drops the connection if it is broken, and the next query reconnects.
-            if connection.errors_occurred:
-                close_old_connections()
-            services.instance_store(data=event.encoded_dataset(), calling_ae=calling_ae)
-        except services.StoreRefused as exc:
-            tally.failed += 1
-            # The reason goes to the peer only: decoder messages can quote element values.
-            logger.warning("refused an instance from %s: status 0x%04X", calling_ae, exc.status)
-            return _status(exc.status, exc.reason)
-        except DatabaseError as exc:
-            tally.failed += 1
-            logger.error("database unavailable while storing: %s", type(exc).__name__)
-            return _status(services.STATUS_OUT_OF_RESOURCES, "database unavailable")
-        except OSError as exc:
-            tally.failed += 1
-            logger.error("storage error while storing: %s", exc.strerror)
-            return _status(services.STATUS_OUT_OF_RESOURCES, "storage unavailable")
-        except Exception:
-            tally.failed += 1
-            logger.exception("unexpected error while storing an instance")
-            return _status(services.STATUS_PROCESSING_FAILURE, "internal error")
-        tally.stored += 1
-        return services.STATUS_SUCCESS
-
-    def _on_association_end(self, event: Any) -> None:
-        # Runs in the association's thread: give back its database connection.
-        connection.close()
-
-    def _on_connection_closed(self, event: Any) -> None:
-        """Runs in pynetdicom's DUL thread once per connection: write the AssociationLog row."""
-        assoc = event.assoc
-        with self._lock:
-            tally = self._tallies.pop(assoc, None)
-        if tally is None or not assoc.is_acceptor:
-            return
-        if assoc.is_rejected:
-            outcome = AssociationLog.Outcome.REJECTED
-        elif assoc.is_released:
-            outcome = AssociationLog.Outcome.RELEASED
+    def _on_store(self, store: _IncomingStore) -> None:
+        refusal = store.finish()
+        if refusal is None:
+            self.stored += 1
         else:
-            outcome = AssociationLog.Outcome.ABORTED
+            self.failed += 1
+            # The reason goes to the peer only: decoder messages can quote element values.
+            logger.warning(
+                "refused an instance from %s: status 0x%04X", self.calling_ae, refusal.status
+            )
+        self._respond(store.context_id, store.command, refusal)
+
+    def _respond(
+        self, context_id: int, command: Command, refusal: services.StoreRefused | None
+    ) -> None:
+        status, comment = (
+            (services.STATUS_SUCCESS, "") if refusal is None else (refusal.status, refusal.reason)
+        )
+        self.conn.send(
+            response_pdus(
+                command,
+                context_id=context_id,
+                status=status,
+                comment=comment,
+                max_pdu=self.peer_max_pdu,
+            )
+        )
+
+    def _log(self, outcome: str, detail: str) -> None:
+        """Write the AssociationLog row, then give back this thread's database connection."""
         try:
             services.association_log_record(
-                calling_ae=assoc.requestor.primitive.calling_ae_title.strip()
-                if assoc.requestor.primitive
-                else "",
+                calling_ae=self.calling_ae,
                 called_ae=settings.DICOM_AE_TITLE,
-                peer_ip=assoc.requestor.address,
-                started_at=tally.started_at,
-                stored=tally.stored,
-                failed=tally.failed,
+                peer_ip=self.peer_ip,
+                started_at=self.started_at,
+                stored=self.stored,
+                failed=self.failed,
                 outcome=outcome,
-                detail=tally.detail,
+                detail=detail,
             )
         except DatabaseError:
             logger.exception("could not write the association log")
         finally:
             connection.close()
 
-    def serve(
-        self, *, host: str, port: int, block: bool = True, ssl_context: ssl.SSLContext | None = None
-    ) -> Any:
-        """Start the SCP. With ``block=False`` returns the running server (call ``shutdown()``)."""
-        return self.ae.start_server(
-            (host, port), block=block, evt_handlers=self.handlers, ssl_context=ssl_context
-        )
+
+class _IncomingStore:
+    """One C-STORE's data set on its way to disk. A refused one is read and thrown away, so
+    that the peer gets its failure status at the end of the message."""
+
+    def __init__(
+        self,
+        *,
+        context_id: int,
+        command: Command,
+        transfer_syntax: str,
+        calling_ae: str,
+    ) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.calling_ae = calling_ae
+        self.refusal: services.StoreRefused | None = None
+        self.file: storage.IncomingFile | None = None
+        try:
+            header = part10_header(
+                sop_class_uid=storage.sanitise_uid(command.sop_class_uid),
+                sop_instance_uid=storage.sanitise_uid(command.sop_instance_uid),
+                transfer_syntax=transfer_syntax,
+                source_ae=calling_ae,
+            )
+            services.check_free_disk()
+            self.file = storage.IncomingFile()
+            self.file.write(header)
+        except storage.InvalidUID:
+            self._refuse(
+                services.StoreRefused(services.STATUS_MISSING_UID, "request without valid SOP UIDs")
+            )
+        except services.StoreRefused as exc:
+            self._refuse(exc)
+        except OSError as exc:
+            self._storage_failed(exc)
+
+    def write(self, chunk: memoryview) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(chunk)
+        except OSError as exc:
+            self._storage_failed(exc)
+
+    def finish(self) -> services.StoreRefused | None:
+        """Store what was received; return why not, if it was not."""
+        if self.file is None:
+            return self.refusal
+        incoming, self.file = self.file, None
+        # The association's thread keeps its database connection until the association ends:
+        # opening one per instance (and on SQLite checkpointing the WAL each time the last one
+        # closed) cost more than indexing the instance. After a database error, Django drops
+        # the connection if it is broken, and the next query reconnects.
+        if connection.errors_occurred:
+            close_old_connections()
+        try:
+            services.instance_store_received(incoming=incoming, calling_ae=self.calling_ae)
+        except services.StoreRefused as exc:
+            return exc
+        except DatabaseError as exc:
+            logger.error("database unavailable while storing: %s", type(exc).__name__)
+            return services.StoreRefused(services.STATUS_OUT_OF_RESOURCES, "database unavailable")
+        except OSError as exc:
+            logger.error("storage error while storing: %s", exc.strerror)
+            return services.StoreRefused(services.STATUS_OUT_OF_RESOURCES, "storage unavailable")
+        except Exception:
+            logger.exception("unexpected error while storing an instance")
+            return services.StoreRefused(services.STATUS_PROCESSING_FAILURE, "internal error")
+        return None
+
+    def discard(self) -> None:
+        """Drop a data set that never arrived in full: nothing was acknowledged."""
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+    def _refuse(self, refusal: services.StoreRefused) -> None:
+        self.discard()
+        self.refusal = refusal
+
+    def _storage_failed(self, exc: OSError) -> None:
+        logger.error("storage error while receiving: %s", exc.strerror)
+        self._refuse(services.StoreRefused(services.STATUS_OUT_OF_RESOURCES, "storage unavailable"))
 
 
 def tls_context() -> ssl.SSLContext | None:
@@ -209,10 +479,3 @@ def tls_context() -> ssl.SSLContext | None:
         context.load_verify_locations(cafile=settings.DICOM_TLS_CA)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def _status(status: int, comment: str) -> Dataset:
-    response = Dataset()
-    response.Status = status
-    response.ErrorComment = comment[:64]
-    return response

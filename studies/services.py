@@ -1,9 +1,11 @@
 """Writes for the studies app: storing what a PACS sends, and deciding when a series is complete.
 
-``instance_store`` is what the DICOM listener calls for every C-STORE; tests call it directly.
-It promises that when it returns, the file is on disk (fsynced, atomically renamed) and its rows
-are committed. When it cannot keep that promise it raises ``StoreRefused`` with the DICOM status
-the peer should get (PS3.4 Annex B), and leaves nothing behind.
+``instance_store_received`` is what the DICOM listener calls for every C-STORE, once the data
+set has been streamed into an incoming file; ``instance_store`` does the same for bytes in
+memory (tests, benchmarks). Both promise that when they return, the file is on disk (fsynced,
+atomically renamed) and its rows are committed. When they cannot keep that promise they raise
+``StoreRefused`` with the DICOM status the peer should get (PS3.4 Annex B), and leave nothing
+behind.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from io import BytesIO
+from concurrent import futures
 from pathlib import Path
+from typing import TypeVar
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.uid import UID
 
 from studies import storage
 from studies.models import AssociationLog, Instance, Patient, Series, Study
 from studies.selectors import quiet_seconds
+
+_Row = TypeVar("_Row", Patient, Study, Series)
 
 logger = logging.getLogger(__name__)
 
@@ -44,55 +50,96 @@ class StoreRefused(Exception):
 
 
 def instance_store(*, data: bytes, calling_ae: str) -> Instance:
-    """Store one DICOM Part 10 file as received and index it; see the module docstring."""
+    """Store one DICOM Part 10 file given as bytes; see ``instance_store_received``."""
+    check_free_disk()
+    incoming = storage.IncomingFile()
+    try:
+        incoming.write(data)
+    except BaseException:
+        incoming.discard()
+        raise
+    return instance_store_received(incoming=incoming, calling_ae=calling_ae)
+
+
+def check_free_disk() -> None:
     if storage.free_disk_bytes() < settings.DICOM_MIN_FREE_DISK_MB * 1024 * 1024:
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, "free disk space is below the floor")
-    dataset = _decode(data)
-    try:
-        study_uid = storage.sanitise_uid(dataset.get("StudyInstanceUID"))
-        series_uid = storage.sanitise_uid(dataset.get("SeriesInstanceUID"))
-        sop_uid = storage.sanitise_uid(dataset.get("SOPInstanceUID"))
-        sop_class_uid = storage.sanitise_uid(dataset.get("SOPClassUID"))
-    except storage.InvalidUID as exc:
-        raise StoreRefused(STATUS_MISSING_UID, f"required UID missing or invalid: {exc}") from None
-    meta = dataset.file_meta
-    if meta.get("MediaStorageSOPClassUID") not in (None, sop_class_uid):
-        raise StoreRefused(STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request")
-    if meta.get("MediaStorageSOPInstanceUID") not in (None, sop_uid):
-        raise StoreRefused(STATUS_MISSING_UID, "SOP Instance UID differs from the request")
 
-    relpath = storage.instance_relpath(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
-    tmp = storage.write_temp(relpath=relpath, data=data)
+
+def instance_store_received(*, incoming: storage.IncomingFile, calling_ae: str) -> Instance:
+    """Store a received Part 10 file, written in full to ``incoming``, and index it; see the
+    module docstring. The file is moved into place or deleted, whatever happens.
+    """
+    tmp = incoming.path
+    flushed = incoming.flush()
     try:
+        size = tmp.stat().st_size
+        dataset = _decode(tmp, size)
+        try:
+            study_uid = storage.sanitise_uid(dataset.get("StudyInstanceUID"))
+            series_uid = storage.sanitise_uid(dataset.get("SeriesInstanceUID"))
+            sop_uid = storage.sanitise_uid(dataset.get("SOPInstanceUID"))
+            sop_class_uid = storage.sanitise_uid(dataset.get("SOPClassUID"))
+        except storage.InvalidUID as exc:
+            raise StoreRefused(
+                STATUS_MISSING_UID, f"required UID missing or invalid: {exc}"
+            ) from None
+        meta = dataset.file_meta
+        if meta.get("MediaStorageSOPClassUID") not in (None, sop_class_uid):
+            raise StoreRefused(
+                STATUS_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request"
+            )
+        if meta.get("MediaStorageSOPInstanceUID") not in (None, sop_uid):
+            raise StoreRefused(STATUS_MISSING_UID, "SOP Instance UID differs from the request")
         return _index(
             dataset=dataset,
             study_uid=study_uid,
             series_uid=series_uid,
             sop_uid=sop_uid,
             sop_class_uid=sop_class_uid,
-            relpath=relpath,
+            relpath=storage.instance_relpath(
+                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid
+            ),
             tmp=tmp,
-            size=len(data),
+            flushed=flushed,
+            size=size,
             calling_ae=calling_ae,
         )
     finally:
-        tmp.unlink(missing_ok=True)
+        futures.wait([flushed])
+        incoming.discard()
 
 
-def _decode(data: bytes) -> Dataset:
-    """Parse the whole dataset (not just the header) so truncated files are caught here.
+# Values longer than this are not read while indexing: only checked to lie within the file.
+_DEFER_BYTES = 64 * 1024
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
-    Element values stay as read (undecoded) until used: the file is stored as received, so
-    only the elements we index need to make sense.
+
+def _decode(path: Path, size: int) -> Dataset:
+    """Parse the data set's elements so that a truncated or garbled file is refused here.
+
+    Large values (pixel data) are not read, only checked to end within the file. Element
+    values stay as read (undecoded) until used: the file is stored as received, so only the
+    elements we index need to make sense.
     """
     try:
-        dataset = dcmread(BytesIO(data))
+        dataset = dcmread(path, defer_size=_DEFER_BYTES)
+        last = dataset.get_item(max(dataset.keys()), keep_deferred=True)
+        if _end(last) > size:  # pydicom seeks past deferred values without noticing the end
+            raise StoreRefused(STATUS_CANNOT_DECODE, "the data set ends inside an element")
         _check_pixel_data(dataset)
     except StoreRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad input
         raise StoreRefused(STATUS_CANNOT_DECODE, f"dataset cannot be decoded: {exc}") from None
     return dataset
+
+
+def _end(element: DataElement | RawDataElement | None) -> int:
+    """Where a raw element's value ends in the file; 0 when unknown (undefined length, read)."""
+    if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
+        return 0
+    return int(element.value_tell) + int(element.length)
 
 
 def _check_pixel_data(dataset: Dataset) -> None:
@@ -109,10 +156,11 @@ def _check_pixel_data(dataset: Dataset) -> None:
         * int(dataset.BitsAllocated)
         + 7
     ) // 8
-    if len(dataset.PixelData) < expected:
+    element = dataset.get_item("PixelData", keep_deferred=True)
+    length = element.length if isinstance(element, RawDataElement) else len(element.value)
+    if length < expected:
         raise StoreRefused(
-            STATUS_CANNOT_DECODE,
-            f"pixel data is truncated ({len(dataset.PixelData)} of {expected} bytes)",
+            STATUS_CANNOT_DECODE, f"pixel data is truncated ({length} of {expected} bytes)"
         )
 
 
@@ -125,6 +173,7 @@ def _index(
     sop_class_uid: str,
     relpath: str,
     tmp: Path,
+    flushed: futures.Future[None],
     size: int,
     calling_ae: str,
 ) -> Instance:
@@ -153,7 +202,8 @@ def _index(
                 unique_fields=["sop_instance_uid"],
                 update_fields=_INSTANCE_UPDATE_FIELDS,
             )
-            storage.commit_temp(tmp=tmp, relpath=relpath)
+            flushed.result()  # the file's data is on disk before its name is
+            storage.commit_incoming(tmp=tmp, relpath=relpath)
     except BaseException:
         if not existed:
             final.unlink(missing_ok=True)
@@ -195,40 +245,57 @@ def _series_for(*, dataset: Dataset, study_uid: str, series_uid: str, now: dt.da
         row = cursor.fetchone()
     if row is not None:
         return int(row[0])
-    patient, _ = Patient.objects.get_or_create(
-        patient_id=str(dataset.get("PatientID", ""))[:64],
-        issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
-        defaults={
-            "name": str(dataset.get("PatientName", ""))[:324],
-            "birth_date": _date(dataset.get("PatientBirthDate")),
-            "sex": str(dataset.get("PatientSex", ""))[:16],
-        },
+    # Upserts, one statement each: the first instance of a series is on the hot path too (every
+    # radiograph is its own series). An existing patient or study keeps its values; a series
+    # created by another association a moment ago is touched, as above.
+    patient = _upsert(
+        Patient(
+            patient_id=str(dataset.get("PatientID", ""))[:64],
+            issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
+            name=str(dataset.get("PatientName", ""))[:324],
+            birth_date=_date(dataset.get("PatientBirthDate")),
+            sex=str(dataset.get("PatientSex", ""))[:16],
+        ),
+        unique_fields=["patient_id", "issuer_of_patient_id"],
     )
-    study, _ = Study.objects.get_or_create(
-        study_instance_uid=study_uid,
-        defaults={
-            "patient": patient,
-            "study_date": _date(dataset.get("StudyDate")),
-            "accession_number": str(dataset.get("AccessionNumber", ""))[:64],
-            "description": str(dataset.get("StudyDescription", ""))[:128],
-        },
+    study = _upsert(
+        Study(
+            study_instance_uid=study_uid,
+            patient=patient,
+            study_date=_date(dataset.get("StudyDate")),
+            accession_number=str(dataset.get("AccessionNumber", ""))[:64],
+            description=str(dataset.get("StudyDescription", ""))[:128],
+        ),
+        unique_fields=["study_instance_uid"],
     )
-    series, created = Series.objects.get_or_create(
-        series_instance_uid=series_uid,
-        defaults={
-            "study": study,
-            "modality": str(dataset.get("Modality", "")).upper()[:16],
-            "body_part_examined": str(dataset.get("BodyPartExamined", ""))[:64],
-            "series_description": str(dataset.get("SeriesDescription", ""))[:64],
-            "series_number": _int(dataset.get("SeriesNumber")),
-            "view_position": str(dataset.get("ViewPosition", ""))[:16],
-            "first_received_at": now,
-            "last_received_at": now,
-        },
+    series = _upsert(
+        Series(
+            series_instance_uid=series_uid,
+            study=study,
+            modality=str(dataset.get("Modality", "")).upper()[:16],
+            body_part_examined=str(dataset.get("BodyPartExamined", ""))[:64],
+            series_description=str(dataset.get("SeriesDescription", ""))[:64],
+            series_number=_int(dataset.get("SeriesNumber")),
+            view_position=str(dataset.get("ViewPosition", ""))[:16],
+            first_received_at=now,
+            last_received_at=now,
+        ),
+        unique_fields=["series_instance_uid"],
+        update_fields=["last_received_at"],
     )
-    if not created:  # another association created it a moment ago
-        return _series_for(dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now)
-    return series.pk
+    return int(series.pk)
+
+
+def _upsert(row: _Row, *, unique_fields: list[str], update_fields: list[str] | None = None) -> _Row:
+    """INSERT … ON CONFLICT DO UPDATE … RETURNING id: ``row`` gets the id of the new or the
+    existing row. Only ``update_fields`` (by default, none in effect) change an existing one."""
+    type(row)._default_manager.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=unique_fields,
+        update_fields=update_fields or unique_fields[:1],
+    )
+    return row
 
 
 def series_sweep(

@@ -1,4 +1,9 @@
-"""Where DICOM files live on disk, and how they get there without ever being half-written."""
+"""Where DICOM files live on disk, and how they get there without ever being half-written.
+
+A file is first written in full to ``.incoming/`` under the storage root, flushed to disk, and
+then renamed into ``<study>/<series>/<instance>.dcm``: a reader sees the old file or the new one,
+never part of one. Nothing under ``.incoming/`` was ever acknowledged to a peer.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from django.conf import settings
@@ -13,6 +20,7 @@ from django.conf import settings
 # A DICOM UID: digits in dot-separated components, at most 64 characters (PS3.5 9.1). Nothing
 # else can reach a path, so no tag value can climb out of the storage directory.
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+INCOMING = ".incoming"
 
 
 class InvalidUID(ValueError):
@@ -38,41 +46,119 @@ def instance_relpath(*, study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 def free_disk_bytes() -> int:
     root = storage_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(root).free
-
-
-def write_temp(*, relpath: str, data: bytes | memoryview) -> Path:
-    """Write ``data`` to a temporary file beside its final place and flush it to disk."""
-    folder = (storage_root() / relpath).parent
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
-    except FileNotFoundError:  # the series' first instance: make its folder once
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if settings.DICOM_FSYNC:
-                _fdatasync(handle.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+        return shutil.disk_usage(root).free
+    except FileNotFoundError:
+        root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(root).free
 
 
-# Flushes the data and the size, not the access times: all a reader needs after a crash.
-_fdatasync = getattr(os, "fdatasync", os.fsync)
+class IncomingFile:
+    """A file under ``.incoming/`` being received: written, flushed, then moved into place by
+    ``commit_incoming`` or dropped by ``discard``."""
 
-
-def commit_temp(*, tmp: Path, relpath: str) -> None:
-    """Atomically move a file from ``write_temp`` to its final place and make the rename durable."""
-    final = storage_root() / relpath
-    os.replace(tmp, final)
-    if settings.DICOM_FSYNC:
-        dir_fd = os.open(final.parent, os.O_RDONLY)
+    def __init__(self) -> None:
+        folder = storage_root() / INCOMING
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            fd, path = tempfile.mkstemp(dir=folder, suffix=".part")
+        except FileNotFoundError:  # the first file ever: make the folder once
+            _make_folder(folder)
+            fd, path = tempfile.mkstemp(dir=folder, suffix=".part")
+        self.fd: int | None = fd
+        self.path = Path(path)
+        self._written = self._queued = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.fd is None:
+            raise ValueError("the incoming file is closed")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self._written += len(data)
+        if self._written - self._queued >= _WRITEBACK_CHUNK and settings.DICOM_FSYNC:
+            # Start writing what has arrived while the rest is still on the network: the
+            # flush at the end then waits for the last chunk only. On Linux, DONTNEED on dirty
+            # pages queues their write-back (and drops none of them).
+            _start_writeback(self.fd, self._queued, self._written - self._queued)
+            self._queued = self._written
+
+    def flush(self) -> Future[None]:
+        """Close the file, in a background thread after flushing its data to disk (unless
+        ``DICOM_FSYNC`` is off), so that parsing and indexing overlap the disk write."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            raise ValueError("the incoming file is closed")
+        return _flusher.submit(_flush_and_close, fd)
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.path.unlink(missing_ok=True)
+
+
+def _flush_and_close(fd: int) -> None:
+    try:
+        if settings.DICOM_FSYNC:
+            _fdatasync(fd)  # the data and the size, not the access times: all a reader needs
+    finally:
+        os.close(fd)
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+_WRITEBACK_CHUNK = 1 << 20
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+# Each association waits for at most one flush at a time; the threads start on demand.
+_flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fdatasync")
+
+
+def commit_incoming(*, tmp: Path, relpath: str) -> None:
+    """Atomically move a flushed incoming file to its final place and make the rename durable."""
+    final = storage_root() / relpath
+    try:
+        os.replace(tmp, final)
+    except FileNotFoundError:  # the series' first instance: make its folder once
+        _make_folder(final.parent)
+        os.replace(tmp, final)
+    _fsync_folder(final.parent)
+
+
+def remove_stale_incoming(*, older_than_s: float) -> int:
+    """Delete incoming files left by a process that died mid-transfer; return how many."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in (storage_root() / INCOMING).glob("*.part"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each durably (its parent fsynced)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    if not settings.DICOM_FSYNC:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
