@@ -203,6 +203,8 @@ class _Association:
         self.peer_max_pdu = 0
         self.command = bytearray()
         self.store: _IncomingStore | None = None
+        # The next C-STORE's file, made while the peer prepares it rather than once it arrives.
+        self.spare: storage.IncomingFile | None = None
 
     def run(self) -> None:
         try:
@@ -233,6 +235,8 @@ class _Association:
             self.listener.release()
             if self.store is not None:
                 self.store.discard()
+            if self.spare is not None:
+                self.spare.discard()
         self._log(outcome, detail)
 
     def _rejection(self, request: A_ASSOCIATE) -> str:
@@ -320,11 +324,13 @@ class _Association:
         if command.field == C_ECHO_RQ:
             self._respond(context_id, command, None)
         elif command.field == C_STORE_RQ and command.has_data_set:
+            spare, self.spare = self.spare, None
             self.store = _IncomingStore(
                 context_id=context_id,
                 command=command,
                 transfer_syntax=self.contexts[context_id].transfer_syntax[0],
                 calling_ae=self.calling_ae,
+                file=spare,
             )
         elif command.field == C_STORE_RQ:
             self.failed += 1
@@ -344,6 +350,9 @@ class _Association:
                 "refused an instance from %s: status 0x%04X", self.calling_ae, refusal.status
             )
         self._respond(store.context_id, store.command, refusal)
+        if self.spare is None:
+            with contextlib.suppress(OSError):  # the next C-STORE will try again, and say why
+                self.spare = storage.IncomingFile()
 
     def _respond(
         self, context_id: int, command: Command, refusal: services.StoreRefused | None
@@ -391,12 +400,13 @@ class _IncomingStore:
         command: Command,
         transfer_syntax: str,
         calling_ae: str,
+        file: storage.IncomingFile | None,
     ) -> None:
         self.context_id = context_id
         self.command = command
         self.calling_ae = calling_ae
         self.refusal: services.StoreRefused | None = None
-        self.file: storage.IncomingFile | None = None
+        self.file = file  # a file made ahead, or None; discarded with the store if refused
         try:
             header = part10_header(
                 sop_class_uid=storage.sanitise_uid(command.sop_class_uid),
@@ -405,7 +415,8 @@ class _IncomingStore:
                 source_ae=calling_ae,
             )
             services.check_free_disk()
-            self.file = storage.IncomingFile()
+            if self.file is None:
+                self.file = storage.IncomingFile()
             self.file.write(header)
         except storage.InvalidUID:
             self._refuse(
