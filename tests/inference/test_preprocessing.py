@@ -29,6 +29,7 @@ from inference.preprocessing import (
     radiograph_from_dataset,
     radiograph_from_file,
 )
+from inference.preprocessing import _resize as preprocessing_resize
 from tests.conftest import ROOT
 from tests.factories import CR_JPEG, CT_SERIES, DATA, make_dataset
 
@@ -295,3 +296,26 @@ def test_metadata_features_read_age_sex_and_view_and_zero_the_unknown():
     )
     assert not metadata_features(None).any()
     assert not metadata_features(make_dataset(PatientAge="", PatientSex="O")).any()
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((2048, 2048), (224, 224)),
+        ((2021, 1733), (224, 192)),
+        ((2500, 2048), (512, 419)),
+        ((300, 250), (224, 187)),
+    ],
+)
+def test_radiographs_are_resized_to_pillows_pixels(shape, size):
+    """The box-average that precedes the bilinear filter is done in numpy, for speed; the
+    pixels must stay Pillow's own (reducing_gap=2), which training and the shipped model used."""
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = Image.fromarray(image).resize(
+        (size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
+
+    resized = preprocessing_resize(image, *size)
+
+    assert resized.shape == size
+    assert np.abs(resized - np.asarray(expected)).max() < 1e-6
