@@ -38,6 +38,7 @@ from studies.upper_layer import (
     C_STORE_RQ,
     INVALID_PARAMETER,
     MAX_COMMAND_BYTES,
+    NOT_SPECIFIED,
     P_DATA_TF_TYPE,
     UNEXPECTED_PDU,
     Command,
@@ -231,6 +232,10 @@ class _Association:
             outcome, detail = AssociationLog.Outcome.ABORTED, str(exc)
         except PeerGone as exc:
             outcome, detail = AssociationLog.Outcome.ABORTED, str(exc)
+        except Exception:
+            logger.exception("aborted the association from %s: internal error", self.calling_ae)
+            self.conn.send_abort(NOT_SPECIFIED)
+            outcome, detail = AssociationLog.Outcome.ABORTED, "internal error"
         finally:
             self.listener.release()
             if self.store is not None:

@@ -46,6 +46,7 @@ MAX_PDU_LENGTH = 0
 MAX_COMMAND_BYTES = 64 * 1024
 
 # A-ABORT provider reasons (PS3.8 9.3.8).
+NOT_SPECIFIED = 0x00
 UNRECOGNISED_PDU = 0x01
 UNEXPECTED_PDU = 0x02
 INVALID_PARAMETER = 0x06
@@ -100,13 +101,16 @@ class Connection:
         pdu = A_ASSOCIATE_RQ()
         try:
             pdu.decode(struct.pack(">BBL", pdu_type, 0, length) + self.read_exact(length))
-        except (ValueError, struct.error, IndexError) as exc:
+            request = pdu.to_primitive()
+        except PeerGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises many types for bad input
             raise ProtocolError(
-                INVALID_PARAMETER, f"A-ASSOCIATE-RQ cannot be decoded: {exc}"
+                INVALID_PARAMETER, f"A-ASSOCIATE-RQ cannot be decoded: {type(exc).__name__}"
             ) from None
         if not pdu.protocol_version & 1:
             raise ProtocolError(INVALID_PARAMETER, "unsupported protocol version")
-        return pdu.to_primitive()
+        return request
 
     def accept(self, request: A_ASSOCIATE, results: list[PresentationContext]) -> None:
         """Send the A-ASSOCIATE-AC with the negotiated presentation contexts."""
@@ -135,7 +139,10 @@ class Connection:
         self.sock.sendall(pdu.encode())
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
 
     def send_release_response(self) -> None:
         self.sock.sendall(_A_RELEASE_RP)

@@ -168,6 +168,17 @@ def test_a_stream_that_is_not_dicom_gets_an_abort(listener):
     assert peer.closed()
 
 
+def test_a_garbled_association_request_gets_an_abort_and_the_listener_serves_on(listener):
+    peer = RawPeer(listener)
+    junk = bytes(range(256)) * 2
+
+    peer.sock.sendall(struct.pack(">BBL", 0x01, 0, len(junk)) + junk)
+
+    assert peer.read_pdu()[0] == A_ABORT
+    assert peer.closed()
+    assert RawPeer(listener).associate() == A_ASSOCIATE_AC
+
+
 def test_over_the_association_limit_a_peer_is_rejected_for_now(listener, settings):
     settings.DICOM_MAX_ASSOCIATIONS = 1
     ae = AE(ae_title="MODALITY")
