@@ -125,7 +125,10 @@ def _decode(path: Path, size: int) -> Dataset:
     try:
         dataset = dcmread(path, defer_size=_DEFER_BYTES)
         last = dataset.get_item(max(dataset.keys()), keep_deferred=True)
-        if _end(last) > size:  # pydicom seeks past deferred values without noticing the end
+        # pydicom seeks past deferred values without noticing the end of the file. A deflated
+        # data set is inflated in memory first (offsets are not the file's), and zlib notices.
+        deflated = UID(dataset.file_meta.get("TransferSyntaxUID", "")).is_deflated
+        if not deflated and _end(last) > size:
             raise StoreRefused(STATUS_CANNOT_DECODE, "the data set ends inside an element")
         _check_pixel_data(dataset)
     except StoreRefused:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from studies import services, storage
 from studies.models import Instance, Patient, Series, Study
@@ -154,3 +155,16 @@ def test_the_stored_file_reads_back_equal():
 
     assert back == ds
     assert back.PixelData == ds.PixelData
+
+
+def test_a_deflated_data_set_is_stored_as_received():
+    ds = make_dataset(rows=256, columns=256)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = encode(ds)
+
+    instance = services.instance_store(data=data, calling_ae="A")
+
+    assert stored_file(instance).read_bytes() == data
+    assert dcmread(stored_file(instance)).PixelData == ds.PixelData
+    with pytest.raises(services.StoreRefused):
+        services.instance_store(data=data[:-100], calling_ae="A")
