@@ -6,7 +6,11 @@ import ssl
 
 import trustme
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE
 
 from studies.listener import VERIFICATION as Verification
@@ -57,6 +61,21 @@ def test_the_jpeg_cr_is_stored_without_transcoding(listener, storage_dir):
     assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
     assert stored == sent
     assert stored.pixel_array.shape == (1024, 1024)
+
+
+def test_a_deflated_instance_is_stored_as_sent(listener, storage_dir):
+    sent = make_dataset(rows=64, columns=64)
+    sent.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener)
+
+    assert assoc.send_c_store(sent).Status == 0x0000
+    assoc.release()
+
+    stored = dcmread(storage_dir / Instance.objects.get().file_path)
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert stored == sent
 
 
 def test_an_unknown_calling_ae_is_rejected_at_association(listener, settings):
