@@ -257,7 +257,7 @@ class _Association:
         logger.warning(
             "rejected association from %r at %s: %s", self.calling_ae, self.peer_ip, detail
         )
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(PeerGone):
             self.conn.reject(*reason)
         return detail
 

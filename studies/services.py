@@ -73,7 +73,7 @@ def instance_store_received(*, incoming: storage.IncomingFile, calling_ae: str) 
     tmp = incoming.path
     flushed = incoming.flush()
     try:
-        size = tmp.stat().st_size
+        size = incoming.size
         dataset = _decode(tmp, size)
         try:
             study_uid = storage.sanitise_uid(dataset.get("StudyInstanceUID"))

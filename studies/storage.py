@@ -66,7 +66,7 @@ class IncomingFile:
             fd, path = tempfile.mkstemp(dir=folder, suffix=".part")
         self.fd: int | None = fd
         self.path = Path(path)
-        self._written = self._queued = 0
+        self.size = self._queued = 0  # bytes written; bytes queued for write-back
 
     def write(self, data: bytes | memoryview) -> None:
         if self.fd is None:
@@ -74,13 +74,13 @@ class IncomingFile:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
-        self._written += len(data)
-        if self._written - self._queued >= _WRITEBACK_CHUNK and settings.DICOM_FSYNC:
+        self.size += len(data)
+        if self.size - self._queued >= _WRITEBACK_CHUNK and settings.DICOM_FSYNC:
             # Start writing what has arrived while the rest is still on the network: the
             # flush at the end then waits for the last chunk only. On Linux, DONTNEED on dirty
             # pages queues their write-back (and drops none of them).
-            _start_writeback(self.fd, self._queued, self._written - self._queued)
-            self._queued = self._written
+            _start_writeback(self.fd, self._queued, self.size - self._queued)
+            self._queued = self.size
 
     def flush(self) -> Future[None]:
         """Close the file, in a background thread after flushing its data to disk (unless

@@ -130,29 +130,30 @@ class Connection:
         primitive.user_information = [max_length, class_uid, version]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(primitive)
-        self.sock.sendall(pdu.encode())
+        self.send(pdu.encode())
 
     def reject(self, result: int, source: int, reason: int) -> None:
         """Send an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
         pdu = A_ASSOCIATE_RJ()
         pdu.result, pdu.source, pdu.reason_diagnostic = result, source, reason
-        self.sock.sendall(pdu.encode())
+        self.send(pdu.encode())
 
     def send(self, data: bytes) -> None:
+        """Send ``data``; a broken connection raises ``PeerGone``."""
         try:
             self.sock.sendall(data)
         except OSError as exc:
             raise PeerGone(f"connection lost: {exc.strerror or exc}") from None
 
     def send_release_response(self) -> None:
-        self.sock.sendall(_A_RELEASE_RP)
+        self.send(_A_RELEASE_RP)
 
     def send_abort(self, reason: int) -> None:
         """Send an A-ABORT from the service provider, if the peer is still there to get it."""
         pdu = A_ABORT_RQ()
         pdu.source, pdu.reason_diagnostic = 0x02, reason
-        with contextlib.suppress(OSError):
-            self.sock.sendall(pdu.encode())
+        with contextlib.suppress(PeerGone):
+            self.send(pdu.encode())
 
     def _recv_into(self, view: memoryview, size: int) -> int:
         try:
