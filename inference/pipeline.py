@@ -24,7 +24,6 @@ import numpy.typing as npt
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from pydicom import dcmread
 
 from inference import explain, preprocessing
 from inference.export import export_enqueue
@@ -230,7 +229,7 @@ def _radiograph_input(
     """A stored radiograph's model input, (rows, columns) and metadata features, or why it may
     not be analysed."""
     try:
-        dataset = dcmread(storage_root() / instance.file_path)
+        dataset = preprocessing.dicom_header(storage_root() / instance.file_path)
         preprocessing.check_radiograph(dataset, spec)
         model_input = preprocessing.radiograph_from_dataset(dataset, spec)
     except NotAnalysable as exc:

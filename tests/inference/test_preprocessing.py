@@ -8,12 +8,14 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.pixels.encoders.base import get_encoder
+from pydicom.pixels.processing import apply_modality_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
@@ -21,6 +23,7 @@ from inference.preprocessing import (
     CHEST_CT,
     CHEST_XRAY,
     METADATA_FEATURES,
+    NotAnalysable,
     PreprocessSpec,
     VolumeBuffer,
     ct_volume,
@@ -319,3 +322,111 @@ def test_radiographs_are_resized_to_pillows_pixels(shape, size):
 
     assert resized.shape == size
     assert np.abs(resized - np.asarray(expected)).max() < 1e-6
+
+
+def display_reference(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
+    """The model input computed the plain way: every pixel through the modality LUT and the
+    window in float64, then Pillow's own resize (reducing_gap=2) of the whole image."""
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if spec.window is not None:
+        low, high = spec.window
+    elif "WindowCenter" in ds:
+        centre, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        low, high = centre - width / 2, centre + width / 2
+    else:
+        low, high = values.min(), values.max()
+    unit = np.clip((values - low) / (high - low), 0, 1).astype(np.float32)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1 - unit
+    height, width = spec.size
+    scale, top, left = letterbox(unit.shape, (height, width))
+    rows = min(height, max(1, round(unit.shape[0] * scale)))
+    columns = min(width, max(1, round(unit.shape[1] * scale)))
+    resized = Image.fromarray(unit).resize(
+        (columns, rows), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
+    expected = np.zeros((1, height, width), np.float32)
+    expected[0, top : top + rows, left : left + columns] = np.asarray(resized)
+    return (expected - spec.mean) / spec.std
+
+
+def synthetic_radiograph(path: Path, shape: tuple[int, int], *, signed: bool, **tags: Any) -> Path:
+    """A DX file of random 12-bit values whose four unused high bits hold garbage."""
+    rng = np.random.default_rng(7)
+    ds = make_dataset(rows=shape[0], columns=shape[1], Modality="DX", **tags)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    values = rng.integers(-2048 if signed else 0, 2048 if signed else 4096, shape)
+    garbage = rng.integers(0, 16, shape) << 12
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = ((values & 0xFFF) | garbage).astype(np.uint16).tobytes()
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "signed", "tags", "window"),
+    [
+        ((2048, 2048), False, {}, None),
+        ((2001, 1703), False, {"PhotometricInterpretation": "MONOCHROME1"}, None),
+        ((1500, 1200), False, {"WindowCenter": 2000, "WindowWidth": 1600}, None),
+        ((1500, 1200), False, {"WindowCenter": 2000, "WindowWidth": 1601}, None),
+        ((1500, 1200), False, {"RescaleSlope": 1, "RescaleIntercept": -1024}, (-500.0, 2000.0)),
+        ((1500, 1200), False, {"RescaleSlope": 0.5, "RescaleIntercept": 3}, (100.0, 1900.5)),
+        ((1200, 1000), True, {}, None),
+        ((1200, 1000), True, {"WindowCenter": 0, "WindowWidth": 3000}, None),
+        ((300, 250), False, {}, None),
+    ],
+    ids=[
+        "2048-auto",
+        "odd-monochrome1",
+        "file-window",
+        "file-window-half-values",
+        "rescaled-spec-window",
+        "fractional-rescale",
+        "signed-auto",
+        "signed-file-window",
+        "small",
+    ],
+)
+def test_stored_radiograph_pixels_give_the_plain_computation(
+    tmp_path: Path,
+    shape: tuple[int, int],
+    signed: bool,
+    tags: dict[str, Any],
+    window: tuple[float, float] | None,
+) -> None:
+    """The fast path (pixel data read straight from the file into a reused buffer, the window
+    clipped on the stored integers, scaled after resizing) against every pixel in float64."""
+    path = synthetic_radiograph(tmp_path / "dx.dcm", shape, signed=signed, **tags)
+    spec = dataclasses.replace(CHEST_XRAY, window=window, size=(224, 256), mean=0.4, std=0.3)
+    expected = display_reference(dcmread(path), spec)
+
+    fast = radiograph_from_file(path, spec)
+    decoded = radiograph_from_dataset(dcmread(path), spec)
+
+    assert np.abs(fast - expected).max() < 2e-5
+    np.testing.assert_array_equal(fast, decoded)
+
+
+def test_a_reused_pixel_buffer_never_leaks_into_the_next_image(tmp_path: Path) -> None:
+    first = synthetic_radiograph(tmp_path / "a.dcm", (1024, 1024), signed=False)
+    second = make_dataset(rows=512, columns=700, Modality="DX")
+    second.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    before = radiograph_from_file(first, CHEST_XRAY)
+
+    other = radiograph_from_file(tmp_path / "b.dcm", CHEST_XRAY)
+    again = radiograph_from_file(first, CHEST_XRAY)
+
+    np.testing.assert_array_equal(again, before)
+    assert not np.allclose(other, before)
+
+
+def test_pixel_data_cut_short_on_disk_is_not_analysable(tmp_path: Path) -> None:
+    path = synthetic_radiograph(tmp_path / "dx.dcm", (512, 512), signed=False)
+    with path.open("r+b") as file:
+        file.truncate(path.stat().st_size - 1000)
+
+    with pytest.raises(NotAnalysable, match="truncated"):
+        radiograph_from_file(path, CHEST_XRAY)
