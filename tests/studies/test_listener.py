@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import trustme
 from pydicom import dcmread
@@ -170,19 +171,24 @@ def test_a_tls_association_stores(transactional_db, settings, storage_dir):
     assert Instance.objects.count() == 1
 
 
-def test_with_the_database_unreachable_the_peer_gets_out_of_resources(
-    listener, monkeypatch, storage_dir
-):
+def database_unreachable(monkeypatch, storage_dir) -> None:
+    """Point the default database at nothing: an association's thread opens its own
+    connection from these settings, and cannot connect."""
     from django.db import connections
 
-    assoc = scu().associate("127.0.0.1", listener)
     unreachable = dict(connections.settings["default"])
     if unreachable["ENGINE"].endswith("sqlite3"):
         unreachable["NAME"] = str(storage_dir / "no-such-dir" / "db.sqlite3")
     else:
         unreachable["PORT"] = "1"
-    # The association's thread opens its own connection, from these settings: it cannot connect.
     monkeypatch.setitem(connections.settings, "default", unreachable)
+
+
+def test_with_the_database_unreachable_the_peer_gets_out_of_resources(
+    listener, monkeypatch, storage_dir
+):
+    assoc = scu().associate("127.0.0.1", listener)
+    database_unreachable(monkeypatch, storage_dir)
 
     status = assoc.send_c_store(make_dataset())
     assoc.release()
@@ -190,6 +196,38 @@ def test_with_the_database_unreachable_the_peer_gets_out_of_resources(
     assert status.Status == STATUS_OUT_OF_RESOURCES
     assert status.ErrorComment == "database unavailable"
     assert not [p for p in storage_dir.rglob("*") if p.is_file()]
+
+
+def stored_files(storage_dir: Path) -> list[Path]:
+    """Every file stored under its final name (not the listener's incoming files)."""
+    return sorted(p for p in storage_dir.rglob("*") if p.is_file() and ".incoming" not in p.parts)
+
+
+def test_an_instance_of_a_known_series_is_not_kept_when_its_row_cannot_be_written(
+    listener, monkeypatch, storage_dir
+):
+    """When the rows cannot be written the new file is not kept, and what was stored before
+    stays as it was."""
+    first = make_dataset()
+    second = make_dataset(
+        StudyInstanceUID=first.StudyInstanceUID, SeriesInstanceUID=first.SeriesInstanceUID
+    )
+    assoc = scu().associate("127.0.0.1", listener)
+    assert assoc.send_c_store(first).Status == 0x0000
+    before = stored_files(storage_dir)
+    database_unreachable(monkeypatch, storage_dir)
+    assoc.release()
+    assoc = scu().associate("127.0.0.1", listener)
+
+    status = assoc.send_c_store(second)
+    assoc.release()
+
+    assert status.Status == STATUS_OUT_OF_RESOURCES
+    assert stored_files(storage_dir) == before
+    monkeypatch.undo()
+    assert list(Instance.objects.values_list("sop_instance_uid", flat=True)) == [
+        first.SOPInstanceUID
+    ]
 
 
 def test_patient_identifiers_never_reach_the_logs(listener, caplog, settings):
