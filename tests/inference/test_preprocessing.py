@@ -32,7 +32,7 @@ from inference.preprocessing import (
     radiograph_from_dataset,
     radiograph_from_file,
 )
-from inference.preprocessing import _resize as preprocessing_resize
+from inference.preprocessing.radiograph import _resize as preprocessing_resize
 from tests.conftest import ROOT
 from tests.factories import CR_JPEG, CT_SERIES, DATA, make_dataset
 

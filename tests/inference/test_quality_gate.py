@@ -202,6 +202,6 @@ def test_the_gate_reads_headers_only_for_paths(monkeypatch: pytest.MonkeyPatch) 
     def no_decoding(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("the gate decoded pixel data")
 
-    monkeypatch.setattr("inference.preprocessing.pixel_array", no_decoding)
+    monkeypatch.setattr("inference.preprocessing.ct.pixel_array", no_decoding)
 
     check_ct_series(CT_FILES, CHEST_CT)
