@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -142,6 +143,30 @@ def _workload(name: str, accession: str, files: list[Path], batches: int) -> Wor
     )
 
 
+def dcmtk(program: str) -> str:
+    """The path of DCMTK's ``program`` (storescu, storescp, echoscu, dsrdump ...).
+
+    pynetdicom installs Python programs named storescu, storescp and echoscu beside the
+    interpreter, and an activated virtual environment puts them first on PATH. DCMTK's are
+    compiled, so the first match on PATH that is not a script is DCMTK's.
+    """
+    for folder in os.get_exec_path():
+        path = shutil.which(program, path=folder)
+        if path is not None:
+            with open(path, "rb") as file:
+                if file.read(2) != b"#!":
+                    return path
+    raise FileNotFoundError(f"DCMTK's {program} is not installed (apt-get install dcmtk)")
+
+
+def dcmtk_installed() -> bool:
+    try:
+        dcmtk("storescu")
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def dcmtk_env() -> dict[str, str]:
     # Debian's DCMTK leaves Nagle's algorithm on unless told otherwise; every small PDU then waits
     # for a delayed ACK and a run is about 20 times slower.
@@ -151,7 +176,7 @@ def dcmtk_env() -> dict[str, str]:
 def send(*, port: int, ae_title: str, workload: Workload, log: Path) -> float:
     """Send every batch on its own association at once with storescu; return the wall time."""
     # -xe -R: propose only the SOP classes of the files, explicit VR little endian first.
-    command = ["storescu", "-aet", CALLING_AE, "-aec", ae_title, "-xe", "-R"]
+    command = [dcmtk("storescu"), "-aet", CALLING_AE, "-aec", ae_title, "-xe", "-R"]
     command += ["127.0.0.1", str(port)]
     logs = [log.with_suffix(f".{i}.log") for i in range(len(workload.batches))]
     start = time.perf_counter()
@@ -204,7 +229,7 @@ class StoreScp:
 
     def start(self) -> None:
         # Its largest receive PDU, so it is not held back by smaller PDUs than our listener gets.
-        command = ["storescp", "--fork", "+B", "-pdu", "131072", "-aet", self.ae_title]
+        command = [dcmtk("storescp"), "--fork", "+B", "-pdu", "131072", "-aet", self.ae_title]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [*command, "-od", str(self.out), str(self.port)],
@@ -335,7 +360,17 @@ def _wait_for_echo(
 ) -> None:
     """Poll with echoscu until the receiver answers a C-ECHO, or fail at the deadline."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    echo = ["echoscu", "-to", "5", "-aet", CALLING_AE, "-aec", ae_title, "127.0.0.1", str(port)]
+    echo = [
+        dcmtk("echoscu"),
+        "-to",
+        "5",
+        "-aet",
+        CALLING_AE,
+        "-aec",
+        ae_title,
+        "127.0.0.1",
+        str(port),
+    ]
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise CommandError(f"receiver exited with {process.returncode}: {_tail(log)}")

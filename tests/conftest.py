@@ -21,7 +21,13 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from studies.bench import dcmtk_installed
+
 ROOT = Path(__file__).resolve().parent.parent
+
+requires_dcmtk = pytest.mark.skipif(
+    not dcmtk_installed(), reason="DCMTK is not installed (apt-get install dcmtk)"
+)
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,14 @@ from inference.dicom_results import ResultObject, results_write
 from inference.models import InferenceJob, Prediction
 from inference.pipeline import job_run
 from studies import services as studies_services
+from studies.bench import dcmtk
 from studies.models import Series
+from tests.conftest import requires_dcmtk
 from tests.factories import CR_JPEG, CT_SERIES, encode
 
 pytestmark = [
     pytest.mark.django_db,
-    pytest.mark.skipif(shutil.which("dsrdump") is None, reason="DCMTK is not installed"),
+    requires_dcmtk,
 ]
 
 
@@ -55,7 +56,7 @@ def finished_job(paths: list[Path], *, task: str, **changes: object) -> Inferenc
 def dsrdump(path: Path) -> str:
     """dsrdump's full text of an SR file; it must parse it without error."""
     result = subprocess.run(
-        ["dsrdump", "+Pl", "+Pu", str(path)], capture_output=True, text=True, check=False
+        [dcmtk("dsrdump"), "+Pl", "+Pu", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     return result.stdout

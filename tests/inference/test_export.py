@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,14 +17,13 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from inference.export import outbox_create, outbox_recover, outbox_resend, outbox_send
 from inference.models import InferenceJob, OutboxItem, Prediction
+from studies.bench import dcmtk, dcmtk_env
 from studies.models import DicomNode, Series
-from tests.conftest import free_port, start_worker, stop_worker, wait_for
+from tests.conftest import free_port, requires_dcmtk, start_worker, stop_worker, wait_for
 from tests.factories import CR_JPEG
 from tests.inference.test_dicom_results import dsrdump, finished_job
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("storescp") is None, reason="DCMTK is not installed (apt-get install dcmtk)"
-)
+pytestmark = requires_dcmtk
 
 Receiver = Callable[[int], Path]
 
@@ -51,9 +48,8 @@ def storescp(tmp_path: Path) -> Iterator[Receiver]:
         folder = tmp_path / f"pacs-{port}"
         folder.mkdir()
         process = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "+uf", "-od", str(folder), str(port)],
-            # Debian's DCMTK waits on Nagle's algorithm unless told otherwise.
-            env={**os.environ, "TCP_NODELAY": "1"},
+            [dcmtk("storescp"), "-aet", "PACS", "+uf", "-od", str(folder), str(port)],
+            env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -70,7 +66,7 @@ def storescp(tmp_path: Path) -> Iterator[Receiver]:
 
 def echo(port: int) -> bool:
     result = subprocess.run(
-        ["echoscu", "-aec", "PACS", "127.0.0.1", str(port)],
+        [dcmtk("echoscu"), "-aec", "PACS", "127.0.0.1", str(port)],
         capture_output=True,
         timeout=10,
         check=False,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +19,9 @@ from pydicom import dcmread
 from inference import services
 from inference.models import InferenceJob, Prediction, RoutingRule
 from studies import services as studies_services
+from studies.bench import dcmtk, dcmtk_env
 from studies.models import Series
-from tests.conftest import ROOT, start_worker, stop_worker, wait_for
+from tests.conftest import ROOT, requires_dcmtk, start_worker, stop_worker, wait_for
 from tests.factories import CR_JPEG, CT_SERIES, encode
 
 DONE = (InferenceJob.Status.SUCCEEDED, InferenceJob.Status.FAILED)
@@ -34,10 +34,9 @@ def worker_env(worker_env: dict[str, str]) -> dict[str, str]:
 
 
 def storescu(port: int, *args: str | Path) -> None:
-    # Debian's DCMTK waits on Nagle's algorithm unless told otherwise.
     result = subprocess.run(
-        ["storescu", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, args)],
-        env={**os.environ, "TCP_NODELAY": "1"},
+        [dcmtk("storescu"), "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, args)],
+        env=dcmtk_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -65,7 +64,7 @@ def job_status(job_id: int) -> str | None:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed")
+@requires_dcmtk
 def test_a_ct_series_and_a_radiograph_sent_by_storescu_get_predictions_with_heatmaps(
     listener, default_routing, register_model, celery_worker, tmp_path
 ):

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
-import pytest
 from pydicom import dcmread
 
+from studies.bench import dcmtk as dcmtk_program
+from studies.bench import dcmtk_env
 from studies.models import AssociationLog, DicomNode, Instance, Series
-from tests.conftest import wait_for
+from tests.conftest import requires_dcmtk, wait_for
 from tests.factories import CR_JPEG, CT_SERIES
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None, reason="DCMTK is not installed (apt-get install dcmtk)"
-)
-# Debian's DCMTK waits on Nagle's algorithm unless told otherwise.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+pytestmark = requires_dcmtk
 
 
-def dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
+def dcmtk(program: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        list(args), env=DCMTK_ENV, capture_output=True, text=True, timeout=120, check=False
+        [dcmtk_program(program), *args],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

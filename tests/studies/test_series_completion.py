@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
+from studies.bench import dcmtk, dcmtk_env
 from studies.models import Series
-from tests.conftest import wait_for
+from tests.conftest import requires_dcmtk, wait_for
 from tests.factories import CT_SERIES, make_dataset
 
 
@@ -54,13 +53,14 @@ def test_a_quiet_series_is_completed_by_the_worker_and_reopened_by_a_late_instan
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed")
+@requires_dcmtk
 def test_the_real_ct_series_from_storescu_becomes_one_complete_series(listener, celery_worker):
     files = sorted(str(path) for path in CT_SERIES.glob("*.dcm"))
-    env = {**os.environ, "TCP_NODELAY": "1"}
-
     result = subprocess.run(
-        ["storescu", "127.0.0.1", str(listener), *files], env=env, capture_output=True, check=False
+        [dcmtk("storescu"), "127.0.0.1", str(listener), *files],
+        env=dcmtk_env(),
+        capture_output=True,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr

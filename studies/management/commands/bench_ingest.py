@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies import bench
 
@@ -56,6 +56,8 @@ class Command(BaseCommand):
         parser.add_argument("--associations", type=int, default=4, help="for the CT xN workload")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not bench.dcmtk_installed():
+            raise CommandError("DCMTK is not installed (apt-get install dcmtk)")
         tag = f"B{secrets.token_hex(3).upper()}"  # marks this run's patients and accessions
         rng = np.random.default_rng()
         runs: list[Run] = []
