@@ -349,6 +349,49 @@ class PacsAiListener:
         return result.stdout
 
 
+class DiskFloor:
+    """How fast this disk takes a workload's bytes durably, with nothing else to do: its files
+    written to new files, write-back started after each, then every file fdatasynced and the
+    folder fsynced once at the end. No network, parsing, database or per-file wait: a receiver
+    that answers each instance only once it is on disk cannot finish sooner. storescp, which
+    does not fsync, can."""
+
+    name = "disk floor"
+
+    def __init__(self, folder: Path) -> None:
+        self.out = folder / "floor"
+        self.out.mkdir()
+
+    def copy(self, workload: Workload) -> float:
+        """Write the workload's files durably; return the wall time."""
+        target = self.out / workload.accession
+        target.mkdir()
+        start = time.perf_counter()
+        written = []
+        try:
+            for path in (path for batch in workload.batches for path in batch):
+                with (target / path.name).open("xb") as file:
+                    file.write(path.read_bytes())
+                    file.flush()
+                    os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                written.append(os.open(target / path.name, os.O_RDONLY))
+            for fd in written:
+                os.fdatasync(fd)
+            _fsync(target)
+        finally:
+            for fd in written:
+                os.close(fd)
+        return time.perf_counter() - start
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
