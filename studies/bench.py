@@ -367,20 +367,20 @@ class DiskFloor:
         target = self.out / workload.accession
         target.mkdir()
         start = time.perf_counter()
-        written = []
+        files = []
         try:
             for path in (path for batch in workload.batches for path in batch):
-                with (target / path.name).open("xb") as file:
-                    file.write(path.read_bytes())
-                    file.flush()
-                    os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                written.append(os.open(target / path.name, os.O_RDONLY))
-            for fd in written:
-                os.fdatasync(fd)
+                file = (target / path.name).open("xb")
+                files.append(file)
+                file.write(path.read_bytes())
+                file.flush()
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            for file in files:
+                os.fdatasync(file.fileno())
             _fsync(target)
         finally:
-            for fd in written:
-                os.close(fd)
+            for file in files:
+                file.close()
         return time.perf_counter() - start
 
 

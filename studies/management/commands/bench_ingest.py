@@ -163,21 +163,26 @@ class Command(BaseCommand):
             ours = self._by_round(runs, workload, bench.PacsAiListener.name)
             ratios = self._ratios(theirs, ours)
             target = TARGETS.get(workload)
-            met = statistics.median(ratios) >= target if target is not None else False
-            verdict = "-" if target is None else f">= {target:.2f}: {'met' if met else 'NOT met'}"
+            verdict = "-"
+            if target is not None:
+                met = statistics.median(ratios) >= target
+                verdict = f">= {target:.2f}: {'met' if met else 'NOT met'}"
             self.stdout.write(
                 f"{workload:<8} {self._medians(theirs)} {self._medians(ours)}  "
                 f"{self._spread(ratios):<29}  {verdict}"
             )
-        floored = [w for w in dict.fromkeys(r.workload for r in runs) if self._floor_runs(runs, w)]
-        if not floored:
+        floors = {
+            workload: floor
+            for workload in dict.fromkeys(run.workload for run in runs)
+            if (floor := self._by_round(runs, workload, bench.DiskFloor.name))
+        }
+        if not floors:
             return
         self.stdout.write(
             f"\n{'workload':<8} {'floor inst/s':>12} {'MB/s':>7}  "
             f"{'floor/DCMTK min / median / max':<30}  ours/floor min / median / max"
         )
-        for workload in floored:
-            floor = self._floor_runs(runs, workload)
+        for workload, floor in floors.items():
             theirs = self._by_round(runs, workload, bench.StoreScp.name)
             ours = self._by_round(runs, workload, bench.PacsAiListener.name)
             self.stdout.write(
@@ -185,9 +190,6 @@ class Command(BaseCommand):
                 f"{self._spread(self._ratios(theirs, floor)):<30}  "
                 f"{self._spread(self._ratios(floor, ours))}"
             )
-
-    def _floor_runs(self, runs: list[Run], workload: str) -> dict[int, Run]:
-        return self._by_round(runs, workload, bench.DiskFloor.name)
 
     @staticmethod
     def _medians(by_round: dict[int, Run]) -> str:
