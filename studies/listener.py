@@ -377,6 +377,13 @@ class _Association:
 
     def _log(self, outcome: str, detail: str) -> None:
         """Write the AssociationLog row, then give back this thread's database connection."""
+        logger.info(
+            "association from %s %s: %d stored, %d failed",
+            self.calling_ae,
+            outcome,
+            self.stored,
+            self.failed,
+        )
         try:
             services.association_log_record(
                 calling_ae=self.calling_ae,

@@ -11,14 +11,15 @@ behind.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import TypeVar
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, models, transaction
+from django.db.models import Field
 from django.utils import timezone
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -27,8 +28,6 @@ from pydicom.uid import UID
 from studies import storage
 from studies.models import AssociationLog, Instance, Patient, Series, Study
 from studies.selectors import quiet_seconds
-
-_Row = TypeVar("_Row", Patient, Study, Series)
 
 logger = logging.getLogger(__name__)
 
@@ -195,29 +194,31 @@ def _index(
     )
     try:
         with transaction.atomic():
-            instance.series_id = _series_for(
-                dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now
-            )
-            # One statement for new and repeated instances alike (INSERT … ON CONFLICT).
-            Instance.objects.bulk_create(
-                [instance],
-                update_conflicts=True,
-                unique_fields=["sop_instance_uid"],
-                update_fields=_INSTANCE_UPDATE_FIELDS,
-            )
-            flushed.result()  # the file's data is on disk before its name is
-            storage.commit_incoming(tmp=tmp, relpath=relpath)
+            # The file moves into place in the background while its rows are written, and the
+            # commit waits for it: a committed row always names a durable file. A file left by
+            # a crash before the commit has no row, and the peer, never answered, sends it again.
+            placed = storage.commit_incoming(flushed=flushed, tmp=tmp, relpath=relpath)
+            try:
+                instance.series_id = _series_for(
+                    dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now
+                )
+                instance.pk = _upsert(
+                    instance, unique=("sop_instance_uid",), update=_INSTANCE_UPDATE_FIELDS
+                )
+            finally:
+                futures.wait([placed])
+            placed.result()
     except BaseException:
         if not existed:
             final.unlink(missing_ok=True)
         raise
-    logger.info(
+    logger.debug(
         "stored an instance in series %s from %s (%d bytes)", instance.series_id, calling_ae, size
     )
     return instance
 
 
-_INSTANCE_UPDATE_FIELDS = [
+_INSTANCE_UPDATE_FIELDS = (
     "series",
     "sop_class_uid",
     "instance_number",
@@ -226,7 +227,7 @@ _INSTANCE_UPDATE_FIELDS = [
     "file_size",
     "received_at",
     "calling_ae",
-]
+)
 # Touch the series and, if it was already complete, re-open it with a new revision: one
 # statement per instance on the hot path, which the ORM cannot express (UPDATE … RETURNING).
 _TOUCH_SERIES = """
@@ -251,54 +252,67 @@ def _series_for(*, dataset: Dataset, study_uid: str, series_uid: str, now: dt.da
     # Upserts, one statement each: the first instance of a series is on the hot path too (every
     # radiograph is its own series). An existing patient or study keeps its values; a series
     # created by another association a moment ago is touched, as above.
-    patient = _upsert(
-        Patient(
-            patient_id=str(dataset.get("PatientID", ""))[:64],
-            issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
-            name=str(dataset.get("PatientName", ""))[:324],
-            birth_date=_date(dataset.get("PatientBirthDate")),
-            sex=str(dataset.get("PatientSex", ""))[:16],
-        ),
-        unique_fields=["patient_id", "issuer_of_patient_id"],
+    patient = Patient(
+        patient_id=str(dataset.get("PatientID", ""))[:64],
+        issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", ""))[:64],
+        name=str(dataset.get("PatientName", ""))[:324],
+        birth_date=_date(dataset.get("PatientBirthDate")),
+        sex=str(dataset.get("PatientSex", ""))[:16],
+        created_at=now,
     )
-    study = _upsert(
-        Study(
-            study_instance_uid=study_uid,
-            patient=patient,
-            study_date=_date(dataset.get("StudyDate")),
-            accession_number=str(dataset.get("AccessionNumber", ""))[:64],
-            description=str(dataset.get("StudyDescription", ""))[:128],
-        ),
-        unique_fields=["study_instance_uid"],
+    study = Study(
+        study_instance_uid=study_uid,
+        patient_id=_upsert(patient, unique=("patient_id", "issuer_of_patient_id")),
+        study_date=_date(dataset.get("StudyDate")),
+        accession_number=str(dataset.get("AccessionNumber", ""))[:64],
+        description=str(dataset.get("StudyDescription", ""))[:128],
+        created_at=now,
     )
-    series = _upsert(
-        Series(
-            series_instance_uid=series_uid,
-            study=study,
-            modality=str(dataset.get("Modality", "")).upper()[:16],
-            body_part_examined=str(dataset.get("BodyPartExamined", ""))[:64],
-            series_description=str(dataset.get("SeriesDescription", ""))[:64],
-            series_number=_int(dataset.get("SeriesNumber")),
-            view_position=str(dataset.get("ViewPosition", ""))[:16],
-            first_received_at=now,
-            last_received_at=now,
-        ),
-        unique_fields=["series_instance_uid"],
-        update_fields=["last_received_at"],
+    series = Series(
+        series_instance_uid=series_uid,
+        study_id=_upsert(study, unique=("study_instance_uid",)),
+        modality=str(dataset.get("Modality", "")).upper()[:16],
+        body_part_examined=str(dataset.get("BodyPartExamined", ""))[:64],
+        series_description=str(dataset.get("SeriesDescription", ""))[:64],
+        series_number=_int(dataset.get("SeriesNumber")),
+        view_position=str(dataset.get("ViewPosition", ""))[:16],
+        first_received_at=now,
+        last_received_at=now,
     )
-    return int(series.pk)
+    return _upsert(series, unique=("series_instance_uid",), update=("last_received_at",))
 
 
-def _upsert(row: _Row, *, unique_fields: list[str], update_fields: list[str] | None = None) -> _Row:
-    """INSERT … ON CONFLICT DO UPDATE … RETURNING id: ``row`` gets the id of the new or the
-    existing row. Only ``update_fields`` (by default, none in effect) change an existing one."""
-    type(row)._default_manager.bulk_create(
-        [row],
-        update_conflicts=True,
-        unique_fields=unique_fields,
-        update_fields=update_fields or unique_fields[:1],
+def _upsert(row: models.Model, *, unique: tuple[str, ...], update: tuple[str, ...] = ()) -> int:
+    """Insert ``row`` or, if one with the same ``unique`` fields exists, change that one's
+    ``update`` fields (by default, none); return the row's id. One statement, INSERT … ON
+    CONFLICT … RETURNING, built once per shape: the ORM's bulk_create compiles it for every
+    call, which cost more than running it."""
+    fields = _concrete_fields(type(row))
+    params = [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(type(row), unique, update), params)
+        return int(cursor.fetchone()[0])
+
+
+@functools.cache
+def _concrete_fields(model: type[models.Model]) -> list[Field[object, object]]:
+    return [field for field in model._meta.concrete_fields if not field.primary_key]
+
+
+@functools.cache
+def _upsert_sql(model: type[models.Model], unique: tuple[str, ...], update: tuple[str, ...]) -> str:
+    quote = connection.ops.quote_name
+    column = {field.name: quote(str(field.column)) for field in model._meta.concrete_fields}
+    names = [field.name for field in _concrete_fields(model)]
+    changed = [column[name] for name in update or unique[:1]]
+    # Only names from the model's meta, quoted, go into the text; values are parameters.
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(column[n] for n in names)})"  # noqa: S608
+        f" VALUES ({', '.join(['%s'] * len(names))})"
+        f" ON CONFLICT ({', '.join(column[name] for name in unique)})"
+        f" DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in changed)}"
+        f" RETURNING {column['id']}"
     )
-    return row
 
 
 def series_sweep(

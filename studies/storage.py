@@ -2,11 +2,13 @@
 
 A file is first written in full to ``.incoming/`` under the storage root, flushed to disk, and
 then renamed into ``<study>/<series>/<instance>.dcm``: a reader sees the old file or the new one,
-never part of one. Nothing under ``.incoming/`` was ever acknowledged to a peer.
+never part of one. Nothing under ``.incoming/`` was ever acknowledged to a peer. Once a file is
+in place its pages leave the page cache: the listener streams far more than memory holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -118,15 +120,39 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 _flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fdatasync")
 
 
-def commit_incoming(*, tmp: Path, relpath: str) -> None:
-    """Atomically move a flushed incoming file to its final place and make the rename durable."""
-    final = storage_root() / relpath
+def commit_incoming(*, flushed: Future[None], tmp: Path, relpath: str) -> Future[None]:
+    """Once ``tmp`` is flushed, atomically move it to its final place and make the rename
+    durable, in a background thread: the caller indexes the instance meanwhile."""
+    return _placer.submit(_place, flushed, tmp, storage_root() / relpath)
+
+
+def _place(flushed: Future[None], tmp: Path, final: Path) -> None:
+    flushed.result()  # the file's data is on disk before its name is
     try:
         os.replace(tmp, final)
     except FileNotFoundError:  # the series' first instance: make its folder once
         _make_folder(final.parent)
         os.replace(tmp, final)
     _fsync_folder(final.parent)
+    if settings.DICOM_FSYNC and hasattr(os, "posix_fadvise"):
+        _flusher.submit(_drop_cached, final)  # nobody waits for it
+
+
+def _drop_cached(path: Path) -> None:
+    """Drop a durable file's pages from the page cache. A PACS sends far more than memory
+    holds, and the worker reads each file once, later; the freed pages go to the next
+    instance. Pages the kernel must find afresh cost more than the disk: on the benchmark's
+    VM, writing 8 MB into new pages took 13-14 ms, into freed ones about 2 ms."""
+    with contextlib.suppress(OSError):  # only advice: a file replaced or deleted meanwhile
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# Its own threads: a placement waits on a flush, which must never wait for a free thread.
+_placer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="place")
 
 
 def remove_stale_incoming(*, older_than_s: float) -> int:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from django.db import DatabaseError
 from django.utils import timezone
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from studies import services, storage
 from studies.models import Instance, Patient, Series, Study
+from tests.conftest import wait_for
 from tests.factories import encode, make_dataset
 
 pytestmark = pytest.mark.django_db
@@ -62,6 +66,40 @@ def test_a_duplicate_keeps_one_row_and_replaces_the_file():
     assert stored_file(instance).read_bytes() == second
     assert instance.instance_number == 7
     assert not list(stored_file(instance).parent.glob(".incoming-*"))
+
+
+def test_a_database_error_while_the_file_goes_into_place_leaves_nothing(monkeypatch):
+    def fail(**kwargs: object) -> int:
+        raise DatabaseError("injected after the file's move began")
+
+    monkeypatch.setattr(services, "_series_for", fail)
+
+    with pytest.raises(DatabaseError):
+        services.instance_store(data=encode(make_dataset()), calling_ae="A")
+
+    assert not Instance.objects.exists()
+    root = storage.storage_root()
+    assert [path for path in root.rglob("*") if path.is_file()] == []
+
+
+def resident_bytes(path: Path) -> int:
+    result = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux's fincore")
+def test_a_stored_file_leaves_the_page_cache():
+    """A PACS sends more than memory holds: once durable, a file's pages are given back."""
+    instance = services.instance_store(
+        data=encode(make_dataset(rows=512, columns=512)), calling_ae="A"
+    )
+
+    wait_for(lambda: resident_bytes(stored_file(instance)) == 0, timeout=10)
 
 
 def test_instances_of_one_series_share_patient_study_and_series():

@@ -245,5 +245,6 @@ def test_patient_identifiers_never_reach_the_logs(listener, caplog, settings):
 
     assert stranger.is_rejected
     assert "stored an instance" in caplog.text
+    assert "1 stored, 1 failed" in caplog.text  # the association's summary
     for identifier in ("PID-SECRET-123", "Doe", "Jane", "A-777"):
         assert identifier not in caplog.text
