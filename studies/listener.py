@@ -206,6 +206,7 @@ class _Association:
         self.store: _IncomingStore | None = None
         # The next C-STORE's file, made while the peer prepares it rather than once it arrives.
         self.spare: storage.IncomingFile | None = None
+        self.touches = services.SeriesTouches()
 
     def run(self) -> None:
         try:
@@ -336,6 +337,7 @@ class _Association:
                 transfer_syntax=self.contexts[context_id].transfer_syntax[0],
                 calling_ae=self.calling_ae,
                 file=spare,
+                touches=self.touches,
             )
         elif command.field == C_STORE_RQ:
             self.failed += 1
@@ -413,10 +415,12 @@ class _IncomingStore:
         transfer_syntax: str,
         calling_ae: str,
         file: storage.IncomingFile | None,
+        touches: services.SeriesTouches,
     ) -> None:
         self.context_id = context_id
         self.command = command
         self.calling_ae = calling_ae
+        self.touches = touches
         self.refusal: services.StoreRefused | None = None
         self.file = file  # a file made ahead, or None; discarded with the store if refused
         try:
@@ -459,7 +463,9 @@ class _IncomingStore:
         if connection.errors_occurred:
             close_old_connections()
         try:
-            services.instance_store_received(incoming=incoming, calling_ae=self.calling_ae)
+            services.instance_store_received(
+                incoming=incoming, calling_ae=self.calling_ae, touches=self.touches
+            )
         except services.StoreRefused as exc:
             return exc
         except DatabaseError as exc:

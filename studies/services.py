@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -48,7 +49,34 @@ class StoreRefused(Exception):
         self.reason = reason
 
 
-def instance_store(*, data: bytes, calling_ae: str) -> Instance:
+class SeriesTouches:
+    """The series an association touched last, so that it touches it (sets its last arrival and
+    re-opens it if complete) at most once per ``SERIES_TOUCH_INTERVAL_S``. On PostgreSQL, that
+    update of one hot row cost more than indexing the instance. ``series_sweep`` allows for
+    the interval, so a series still completes only after its quiet period since its last
+    instance."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int, float] | None = None  # series UID, id, monotonic time
+
+    def recent(self, series_uid: str) -> int | None:
+        """The id of this series if it was touched less than the interval ago."""
+        if self._last is None:
+            return None
+        uid, pk, at = self._last
+        fresh = time.monotonic() - at < SERIES_TOUCH_INTERVAL_S
+        return pk if uid == series_uid and fresh else None
+
+    def record(self, series_uid: str, pk: int, *, at: float) -> None:
+        self._last = (series_uid, pk, at)
+
+
+SERIES_TOUCH_INTERVAL_S = 1.0
+
+
+def instance_store(
+    *, data: bytes, calling_ae: str, touches: SeriesTouches | None = None
+) -> Instance:
     """Store one DICOM Part 10 file given as bytes; see ``instance_store_received``."""
     check_free_disk()
     incoming = storage.IncomingFile()
@@ -57,7 +85,7 @@ def instance_store(*, data: bytes, calling_ae: str) -> Instance:
     except BaseException:
         incoming.discard()
         raise
-    return instance_store_received(incoming=incoming, calling_ae=calling_ae)
+    return instance_store_received(incoming=incoming, calling_ae=calling_ae, touches=touches)
 
 
 def check_free_disk() -> None:
@@ -65,9 +93,12 @@ def check_free_disk() -> None:
         raise StoreRefused(STATUS_OUT_OF_RESOURCES, "free disk space is below the floor")
 
 
-def instance_store_received(*, incoming: storage.IncomingFile, calling_ae: str) -> Instance:
+def instance_store_received(
+    *, incoming: storage.IncomingFile, calling_ae: str, touches: SeriesTouches | None = None
+) -> Instance:
     """Store a received Part 10 file, written in full to ``incoming``, and index it; see the
-    module docstring. The file is moved into place or deleted, whatever happens.
+    module docstring. The file is moved into place or deleted, whatever happens. ``touches``
+    is the association's: without it, the series is touched for every instance.
     """
     tmp = incoming.path
     flushed = incoming.flush()
@@ -103,6 +134,7 @@ def instance_store_received(*, incoming: storage.IncomingFile, calling_ae: str) 
             flushed=flushed,
             size=size,
             calling_ae=calling_ae,
+            touches=touches,
         )
     finally:
         futures.wait([flushed])
@@ -178,8 +210,9 @@ def _index(
     flushed: futures.Future[None],
     size: int,
     calling_ae: str,
+    touches: SeriesTouches | None,
 ) -> Instance:
-    now = timezone.now()
+    now, started = timezone.now(), time.monotonic()
     final = storage.storage_root() / relpath
     existed = final.exists()
     instance = Instance(
@@ -192,6 +225,7 @@ def _index(
         received_at=now,
         calling_ae=calling_ae[:16],
     )
+    recent = touches.recent(series_uid) if touches is not None else None
     try:
         with transaction.atomic():
             # The file moves into place in the background while its rows are written, and the
@@ -199,7 +233,7 @@ def _index(
             # a crash before the commit has no row, and the peer, never answered, sends it again.
             placed = storage.commit_incoming(flushed=flushed, tmp=tmp, relpath=relpath)
             try:
-                instance.series_id = _series_for(
+                instance.series_id = recent or _series_for(
                     dataset=dataset, study_uid=study_uid, series_uid=series_uid, now=now
                 )
                 instance.pk = _upsert(
@@ -212,6 +246,8 @@ def _index(
         if not existed:
             final.unlink(missing_ok=True)
         raise
+    if touches is not None and recent is None:  # a touch counts once it is committed
+        touches.record(series_uid, instance.series_id, at=started)
     logger.debug(
         "stored an instance in series %s from %s (%d bytes)", instance.series_id, calling_ae, size
     )
@@ -329,7 +365,8 @@ def series_sweep(
     claimed: list[int] = []
     receiving = Series.objects.filter(status=Series.Status.RECEIVING)
     for pk, modality, last in receiving.values_list("pk", "modality", "last_received_at"):
-        cutoff = now - dt.timedelta(seconds=quiet_seconds(modality))
+        # A series' last arrival may be up to one touch interval older than its last instance.
+        cutoff = now - dt.timedelta(seconds=quiet_seconds(modality) + SERIES_TOUCH_INTERVAL_S)
         if last > cutoff:
             continue
         try:

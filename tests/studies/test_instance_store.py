@@ -15,6 +15,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from studies import services, storage
 from studies.models import Instance, Patient, Series, Study
+from studies.selectors import quiet_seconds
 from tests.conftest import wait_for
 from tests.factories import encode, make_dataset
 
@@ -172,6 +173,34 @@ def test_an_instance_after_completion_reopens_the_series_with_a_new_revision():
     assert series.completed_at is None
 
 
+def test_an_association_touches_its_series_once_an_interval_and_the_sweep_allows_for_it(
+    monkeypatch,
+):
+    monkeypatch.setattr(services, "SERIES_TOUCH_INTERVAL_S", 60.0)  # however slow this host is
+    touches = services.SeriesTouches()  # one association's
+    first = make_dataset()
+    services.instance_store(data=encode(first), calling_ae="A", touches=touches)
+    touched = Series.objects.get().last_received_at
+    same_series = {
+        "StudyInstanceUID": first.StudyInstanceUID,
+        "SeriesInstanceUID": first.SeriesInstanceUID,
+    }
+
+    last = services.instance_store(
+        data=encode(make_dataset(**same_series)), calling_ae="A", touches=touches
+    )
+
+    series = Series.objects.get()
+    assert series.last_received_at == touched < last.received_at
+    assert series.instances.count() == 2
+    quiet = dt.timedelta(seconds=quiet_seconds("CT"))
+    interval = dt.timedelta(seconds=services.SERIES_TOUCH_INTERVAL_S)
+    assert last.received_at - touched < interval
+    # Quiet since the series' recorded last arrival, but not yet since its last instance.
+    assert services.series_sweep(now=touched + quiet + dt.timedelta(milliseconds=1)) == []
+    assert services.series_sweep(now=touched + quiet + interval) == [series.pk]
+
+
 def test_the_sweep_waits_for_the_quiet_period_of_each_modality(settings):
     settings.SERIES_QUIET_SECONDS = {"CR": 5, "CT": 30, "*": 15}
     ct = services.instance_store(data=encode(make_dataset()), calling_ae="A").series
@@ -179,9 +208,10 @@ def test_the_sweep_waits_for_the_quiet_period_of_each_modality(settings):
     start = Series.objects.get(pk=ct.pk).last_received_at
 
     assert services.series_sweep(now=start + dt.timedelta(seconds=4)) == []
-    assert services.series_sweep(now=start + dt.timedelta(seconds=6)) == [cr.pk]
+    # Up to a touch interval (1 s) later than the quiet period: see the test above.
+    assert services.series_sweep(now=start + dt.timedelta(seconds=7)) == [cr.pk]
     assert services.series_sweep(now=start + dt.timedelta(seconds=29)) == []
-    assert services.series_sweep(now=start + dt.timedelta(seconds=31)) == [ct.pk]
+    assert services.series_sweep(now=start + dt.timedelta(seconds=32)) == [ct.pk]
     assert services.series_sweep(now=start + dt.timedelta(seconds=60)) == []
 
 
