@@ -79,9 +79,8 @@ class IncomingFile:
         self.size += len(data)
         if self.size - self._queued >= _WRITEBACK_CHUNK and settings.DICOM_FSYNC:
             # Start writing what has arrived while the rest is still on the network: the
-            # flush at the end then waits for the last chunk only. On Linux, DONTNEED on dirty
-            # pages queues their write-back (and drops none of them).
-            _start_writeback(self.fd, self._queued, self.size - self._queued)
+            # flush at the end then waits for the last chunk only.
+            _dont_need(self.fd, self._queued, self.size - self._queued)
             self._queued = self.size
 
     def flush(self) -> Future[None]:
@@ -111,13 +110,18 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 _WRITEBACK_CHUNK = 1 << 20
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
+def _dont_need(fd: int, offset: int, length: int) -> None:
+    """On Linux, POSIX_FADV_DONTNEED queues the write-back of dirty pages (dropping none of
+    them) and drops clean ones; elsewhere, nothing."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-# Each association waits for at most one flush at a time; the threads start on demand.
+# Each association waits for at most one flush and one placement at a time; the threads start
+# on demand. Placements have their own: one waits on a flush, which must never wait for a free
+# thread.
 _flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fdatasync")
+_placer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="place")
 
 
 def commit_incoming(*, flushed: Future[None], tmp: Path, relpath: str) -> Future[None]:
@@ -134,7 +138,7 @@ def _place(flushed: Future[None], tmp: Path, final: Path) -> None:
         _make_folder(final.parent)
         os.replace(tmp, final)
     _fsync_folder(final.parent)
-    if settings.DICOM_FSYNC and hasattr(os, "posix_fadvise"):
+    if settings.DICOM_FSYNC:
         _flusher.submit(_drop_cached, final)  # nobody waits for it
 
 
@@ -144,15 +148,11 @@ def _drop_cached(path: Path) -> None:
     instance. Pages the kernel must find afresh cost more than the disk: on the benchmark's
     VM, writing 8 MB into new pages took 13-14 ms, into freed ones about 2 ms."""
     with contextlib.suppress(OSError):  # only advice: a file replaced or deleted meanwhile
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)  # the flush closed its own: parsing read on after it
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            _dont_need(fd, 0, 0)
         finally:
             os.close(fd)
-
-
-# Its own threads: a placement waits on a flush, which must never wait for a free thread.
-_placer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="place")
 
 
 def remove_stale_incoming(*, older_than_s: float) -> int:
